@@ -1,0 +1,24 @@
+"""`keel`: serve, db, tenants, keys, chat. Every data command works from the same settings as `serve`."""
+
+from __future__ import annotations
+
+import typer
+
+from keel.cli import chat, data, serve
+
+app = typer.Typer(
+    name="keel",
+    help="Keel: an OpenAI-compatible backend for AI chat products.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("serve")(serve.serve)
+app.command("chat")(chat.chat)
+app.add_typer(data.db_app, name="db")
+app.add_typer(data.tenants_app, name="tenants")
+app.add_typer(data.keys_app, name="keys")
+
+
+def main() -> None:
+    app()

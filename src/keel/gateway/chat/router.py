@@ -1,0 +1,102 @@
+"""POST /v1/chat/completions: validate, call the service, answer JSON or SSE."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import Response, StreamingResponse
+
+from keel.errors import InvalidRequestError, KeelError
+from keel.gateway.chat.protocol import ChatCompletionRequest, ChunkWriter, completion_json
+from keel.gateway.chat.service import OpenedChat
+from keel.gateway.deps import ChatServiceDep, PrincipalDep
+from keel.llm import ChatResult, Finish, TextDelta, ToolCallDelta, Usage
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+CONVERSATION_HEADER = "x-keel-conversation-id"
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request, principal: PrincipalDep, service: ChatServiceDep) -> Response:
+    body = parse_body(await request.body())
+    request_id: str = request.state.request_id
+    opened = await service.open(principal, body, request_id, request.headers.get(CONVERSATION_HEADER))
+    headers = opened.headers
+    if opened.conversation_id is not None:
+        headers[CONVERSATION_HEADER] = opened.conversation_id
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = ChunkWriter(completion_id, created, opened.model, include_usage)
+        return StreamingResponse(
+            sse(opened, writer), media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"}
+        )
+    result = ChatResult()
+    async for event in opened.events:
+        result.add(event)
+    return Response(
+        orjson.dumps(completion_json(completion_id, created, opened.model, result)),
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def parse_body(raw: bytes) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise InvalidRequestError(
+                "We could not parse the JSON body of your request: " + str(first["ctx"].get("error", "invalid JSON"))
+            ) from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise InvalidRequestError("The request body must be a JSON object.") from None
+        param = ".".join(str(part) for part in first["loc"][:4])
+        count = len(exc.errors())
+        more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
+        raise InvalidRequestError(f"Invalid '{param}': {first['msg']}{more}.", param=param) from None
+
+
+async def sse(opened: OpenedChat, writer: ChunkWriter) -> AsyncIterator[bytes]:
+    usage: Usage | None = None
+    try:
+        async for event in opened.events:
+            if isinstance(event, TextDelta):
+                chunk = writer.delta({"content": event.text})
+            elif isinstance(event, ToolCallDelta):
+                call: dict[str, object] = {"index": event.index, "function": {"arguments": event.arguments}}
+                if event.id:
+                    call["id"] = event.id
+                    call["type"] = "function"
+                if event.name:
+                    call["function"] = {"name": event.name, "arguments": event.arguments}
+                chunk = writer.delta({"tool_calls": [call]})
+            elif isinstance(event, Finish):
+                chunk = writer.delta({}, finish_reason=event.reason)
+            else:
+                usage = event
+                continue
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+    except KeelError as exc:  # after the first byte the status is sent: report in-band, as OpenAI does
+        log.warning("stream failed after it started: %s", exc.message)
+        yield b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"
+        return
+    except Exception:
+        log.exception("stream failed after it started")
+        yield b"data: " + orjson.dumps({"error": {"message": "Internal error during streaming.",
+                                                   "type": "server_error", "param": None, "code": None}}) + b"\n\n"
+        return
+    final = writer.usage(usage)
+    if final is not None:
+        yield b"data: " + orjson.dumps(final) + b"\n\n"
+    yield b"data: [DONE]\n\n"

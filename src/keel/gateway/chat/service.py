@@ -1,0 +1,115 @@
+"""The chat completion service: rate limits around the pipeline. No FastAPI in here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from keel.errors import InvalidRequestError
+from keel.gateway.chat.protocol import ChatCompletionRequest
+from keel.llm import ChatEvent, ChatRequest, Usage
+from keel.pipeline import ChatCall, ChatPipeline
+from keel.ratelimit import Lease, RateLimiter
+from keel.settings import Settings
+from keel.tenants import Principal
+
+_SANE_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+CHARS_PER_TOKEN = 4  # a cheap pre-call estimate; the real usage corrects the TPM bucket afterwards
+
+
+@dataclass(slots=True)
+class OpenedChat:
+    events: AsyncIterator[ChatEvent]  # the first event included
+    headers: dict[str, str]
+    model: str
+    conversation_id: str | None
+
+
+class ChatService:
+    def __init__(self, pipeline: ChatPipeline, limiter: RateLimiter | None, settings: Settings) -> None:
+        self._pipeline = pipeline
+        self._limiter = limiter
+        self._tiers = settings.tiers
+        self._default_model = settings.default_model
+        self._default_completion = settings.default_completion_tokens_estimate
+
+    async def open(
+        self, principal: Principal, body: ChatCompletionRequest, request_id: str, conversation_id: str | None
+    ) -> OpenedChat:
+        """Everything up to the model's first event, so failures there still get a proper HTTP status."""
+        request = to_chat_request(body, self._default_model)
+        conversation_id = body.conversation_id or conversation_id
+        if conversation_id is not None and not _SANE_CONVERSATION_ID.match(conversation_id):
+            raise InvalidRequestError(
+                "conversation_id must be 1-128 characters of letters, digits and . _ : -",
+                param="conversation_id",
+            )
+        lease = None
+        headers: dict[str, str] = {}
+        if self._limiter is not None:
+            estimate = estimate_tokens(request, self._default_completion)
+            lease = await self._limiter.acquire(str(principal.tenant_id), self._tiers[principal.tier], estimate)
+            headers = lease.state.headers()
+        call = ChatCall(request_id, principal.tenant_id, request, conversation_id)
+        events = self._pipeline.stream(call)
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            if lease is not None:
+                await lease.settle(0)
+                await lease.release()
+            raise
+        return OpenedChat(_rest(first, events, lease), headers, request.model, conversation_id)
+
+
+async def _rest(first: ChatEvent, events: AsyncIterator[ChatEvent], lease: Lease | None) -> AsyncIterator[ChatEvent]:
+    used = 0
+    try:
+        event: ChatEvent | None = first
+        while event is not None:
+            if isinstance(event, Usage):
+                used = event.input_tokens + event.output_tokens
+            yield event
+            event = await anext(events, None)
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+        if lease is not None:
+            await lease.settle(used)
+            await lease.release()
+
+
+def to_chat_request(body: ChatCompletionRequest, default_model: str) -> ChatRequest:
+    if body.n not in (None, 1):
+        raise InvalidRequestError("Only n=1 is supported.", param="n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise InvalidRequestError("At most 4 stop sequences are allowed.", param="stop")
+    tools: list[dict[str, Any]] | None = None
+    if body.tools:
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return ChatRequest(
+        model=body.model or default_model,
+        messages=[m.model_dump(exclude_none=True) for m in body.messages],
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=stop,
+        seed=body.seed,
+        user=body.user,
+        tools=tools,
+        tool_choice=body.tool_choice,
+    )
+
+
+def estimate_tokens(request: ChatRequest, default_completion: int) -> int:
+    chars = 0
+    for message in request.messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(part.get("text", "")) for part in content)
+    return chars // CHARS_PER_TOKEN + 4 * len(request.messages) + (request.max_tokens or default_completion)

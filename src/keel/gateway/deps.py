@@ -1,0 +1,54 @@
+"""Typed dependencies: routes reach the components built once in the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from keel.context import ConversationStore
+from keel.gateway.auth import Authenticator, require_scope
+from keel.gateway.chat.service import ChatService
+from keel.llm import ModelRegistry
+from keel.telemetry import tenant_var
+from keel.tenants import Principal, TenantService
+
+
+@dataclass(slots=True)
+class Components:
+    authenticator: Authenticator
+    chat: ChatService
+    models: ModelRegistry
+    conversations: ConversationStore
+    tenants: TenantService
+
+
+def components(request: Request) -> Components:
+    found: Components = request.app.state.keel
+    return found
+
+
+async def principal(request: Request) -> Principal:
+    who = await components(request).authenticator.authenticate(
+        request.headers.get("authorization"), request.headers.get("x-api-key")
+    )
+    tenant_var.set(who.tenant)
+    return who
+
+
+async def admin_principal(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    require_scope(who, "admin")
+    return who
+
+
+PrincipalDep = Annotated[Principal, Depends(principal)]
+AdminDep = Annotated[Principal, Depends(admin_principal)]
+ComponentsDep = Annotated[Components, Depends(components)]
+
+
+def chat_service(request: Request) -> ChatService:
+    return components(request).chat
+
+
+ChatServiceDep = Annotated[ChatService, Depends(chat_service)]

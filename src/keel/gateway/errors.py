@@ -1,0 +1,70 @@
+"""One handler per error type, each answering the OpenAI error envelope. Never a stack trace or HTML."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from keel.errors import KeelError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def error_response(status: int, envelope: object, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(envelope), status_code=status, headers=headers, media_type="application/json")
+
+
+def _envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+async def keel_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, KeelError)
+    if exc.status >= 500:
+        log.warning("request failed: %s", exc.message, extra={"status": exc.status, "error_type": exc.type})
+    return error_response(exc.status, exc.envelope(), exc.headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 404:
+        message = f"Unknown route: {request.method} {request.url.path}"
+    return error_response(
+        exc.status_code,
+        _envelope(message, _TYPES.get(exc.status_code, "invalid_request_error")),
+        dict(exc.headers or {}),
+    )
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+    return error_response(400, _envelope(f"Invalid request: {first.get('msg', 'bad input')}",
+                                         "invalid_request_error", param or None))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    request_id = getattr(request.state, "request_id", "")
+    log.exception("unhandled error")
+    return error_response(
+        500,
+        _envelope(f"Internal error; quote request id {request_id} when reporting it.", "server_error"),
+        {"x-request-id": request_id},
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(KeelError, keel_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,101 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request): request ids, body limit,
+one access log line per request."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from keel.errors import PayloadTooLargeError
+from keel.telemetry import request_id_var, tenant_var
+
+access_log = logging.getLogger("keel.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = new_request_id()
+        length: int | None = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER and _SANE_ID.match(value):
+                request_id = value.decode()
+            elif name == b"content-length" and value.isdigit():
+                length = int(value)
+        scope.setdefault("state", {})["request_id"] = request_id
+        request_id_var.set(request_id)
+        tenant_var.set(None)
+        id_header = (REQUEST_ID_HEADER, request_id.encode())
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        try:
+            if length is not None and length > self.max_body_bytes:
+                await self._too_large(send_with_id)
+                return
+            await self.app(scope, self._limited(receive), send_with_id)
+        finally:
+            access_log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 3)},
+            )
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Count a chunked body as it arrives; past the limit the route's body read raises a 413."""
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _too_large_error(limit)
+            return message
+
+        return receive_limited
+
+    async def _too_large(self, send: Send) -> None:
+        error = _too_large_error(self.max_body_bytes)
+        body = orjson.dumps(error.envelope())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _too_large_error(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"Request body exceeds the limit of {limit} bytes.")

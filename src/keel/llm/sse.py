@@ -1,0 +1,156 @@
+"""Server-Sent Events from upstream providers: a fast decoder, and the one streaming POST both make.
+
+`post_sse` owns the HTTP side (status errors, timeouts, connection failures mapped onto `keel.errors`,
+the connection closed at once when the caller stops early); providers only translate event payloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from keel.errors import (
+    KeelError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    upstream_status_error,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    event: str  # "message" when the stream named none
+    data: str
+
+
+class SSEDecoder:
+    """Bytes in, events out. Lines end in LF or CRLF; comments and `id:`/`retry:` fields are skipped."""
+
+    __slots__ = ("_data", "_event", "_pending")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        if self._pending:
+            chunk = self._pending + chunk
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._pending = chunk
+            return []
+        self._pending = chunk[end + 1 :]
+        events: list[ServerSentEvent] = []
+        # Decoding once per chunk is safe: b"\n" never occurs inside a multi-byte UTF-8 sequence.
+        for line in chunk[:end].decode("utf-8", "replace").split("\n"):
+            if line.endswith("\r"):
+                line = line[:-1]
+            if line.startswith("data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(" ") else value)
+            elif not line:
+                if self._data:
+                    events.append(ServerSentEvent(self._event or "message", "\n".join(self._data)))
+                    self._data = []
+                self._event = ""
+            elif line.startswith("event:"):
+                value = line[6:]
+                self._event = value[1:] if value.startswith(" ") else value
+            elif line == "data":
+                self._data.append("")
+        return events
+
+    def flush(self) -> list[ServerSentEvent]:
+        """At end of stream: the last event counts even without its blank line."""
+        return self.feed(b"\n\n")
+
+
+async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[ServerSentEvent]:
+    decoder = SSEDecoder()
+    async for chunk in response.content.iter_any():
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.flush():
+        yield event
+
+
+async def post_sse(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    body: bytes,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    provider: str,
+    model: str,
+    secret: str | None,
+) -> AsyncIterator[ServerSentEvent]:
+    """POST `body` and yield the events of the answer; every failure is a `KeelError`.
+
+    Wrap it in `contextlib.aclosing`: a caller that stops early (client gone, task cancelled) gets the
+    connection closed at once instead of drained, so the upstream sees the disconnect and stops
+    generating. `secret` (the API key) is scrubbed from upstream error messages.
+    """
+    response: aiohttp.ClientResponse | None = None
+    complete = False
+    try:
+        response = await session.post(url, data=body, headers=headers, timeout=timeout)
+        if response.status >= 300:
+            raise await _status_error(response, provider, model, secret)
+        decoder = SSEDecoder()
+        async for chunk in response.content.iter_any():
+            for event in decoder.feed(chunk):
+                yield event
+        for event in decoder.flush():
+            yield event
+        complete = True
+    except TimeoutError as exc:  # before ClientError: aiohttp's timeout errors are both
+        raise UpstreamTimeoutError(
+            f"{provider} model {model!r} timed out", provider=provider, model=model
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamUnavailableError(
+            f"{provider} model {model!r} is unreachable: {exc}", provider=provider, model=model
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(
+            f"{provider} model {model!r} connection failed: {exc!r}", provider=provider, model=model
+        ) from exc
+    finally:
+        if response is not None:
+            if complete:
+                response.release()  # read to the end: the connection goes back to the pool
+            else:
+                response.close()
+
+
+async def _status_error(
+    response: aiohttp.ClientResponse, provider: str, model: str, secret: str | None
+) -> KeelError:
+    message = error_message(await response.read())
+    if secret:
+        message = message.replace(secret, "***")
+    return upstream_status_error(
+        provider=provider, model=model, status=response.status, message=message, headers=response.headers
+    )
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error body: OpenAI and Anthropic both put it at error.message."""
+    try:
+        payload: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return body.decode("utf-8", "replace")[:300]

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from keel.errors import RateLimitError
+from keel.ratelimit import Lease, RedisRateLimiter
+from keel.settings import TierLimits
+
+pytestmark = [pytest.mark.redis, pytest.mark.asyncio]
+
+# Small limits refill slowly (10 RPM: one request per 6 s), so nothing refills during a test.
+
+
+def tier(rpm: int = 1000, tpm: int = 1_000_000, concurrent: int = 100) -> TierLimits:
+    return TierLimits(requests_per_minute=rpm, tokens_per_minute=tpm, concurrent_requests=concurrent)
+
+
+async def take(limiter: RedisRateLimiter, limits: TierLimits, tokens: int = 0, key: str = "t1") -> Lease:
+    lease = await limiter.acquire(key, limits, tokens)
+    await lease.release()
+    return lease
+
+
+async def test_exactly_rpm_requests_pass_then_the_next_is_refused(redis_client: Redis, prefix: str) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix), tier(rpm=10)
+    remaining = [(await take(limiter, limits)).state.remaining_requests for _ in range(10)]
+    assert remaining == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    with pytest.raises(RateLimitError) as refused:
+        await take(limiter, limits)
+    assert "requests per minute" in refused.value.message
+    assert "limit 10" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "6"
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
+    await take(limiter, limits, key="t2")  # another key, another budget
+
+
+async def test_a_token_refusal_takes_nothing(redis_client: Redis, prefix: str) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix), tier(rpm=10, tpm=60, concurrent=1)
+    assert (await take(limiter, limits, 40)).state.remaining_tokens == 20
+    with pytest.raises(RateLimitError) as refused:
+        await limiter.acquire("t1", limits, 30)
+    assert "tokens per minute" in refused.value.message
+    assert "requested 30" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "10"  # 10 tokens short at one a second
+    with pytest.raises(RateLimitError) as too_large:
+        await limiter.acquire("t1", limits, 61)
+    assert too_large.value.code == "request_too_large"
+    assert "Retry-After" not in too_large.value.headers
+    lease = await limiter.acquire("t1", limits, 20)  # no request, token or slot was taken above
+    assert (lease.state.remaining_requests, lease.state.remaining_tokens) == (8, 0)
+    await lease.release()
+
+
+async def test_settle_charges_debt_and_refunds_once(redis_client: Redis, prefix: str) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix), tier(tpm=60)  # a token a second
+    lease = await limiter.acquire("t1", limits, 40)
+    await lease.settle(10)  # 30 back
+    await lease.settle(60)  # ignored: already settled
+    await lease.release()
+    assert (await take(limiter, limits, 0)).state.remaining_tokens == 50
+
+    lease = await limiter.acquire("t1", limits, 10)
+    await lease.settle(70)  # 60 more: 20 in debt
+    await lease.release()
+    with pytest.raises(RateLimitError, match="tokens per minute") as refused:
+        await take(limiter, limits, 0)
+    assert refused.value.headers["Retry-After"] == "20"
+
+
+async def test_concurrency_release_is_idempotent(redis_client: Redis, prefix: str) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix), tier(concurrent=2)
+    first = await limiter.acquire("t1", limits, 0)
+    second = await limiter.acquire("t1", limits, 0)
+    with pytest.raises(RateLimitError, match="concurrent requests"):
+        await limiter.acquire("t1", limits, 0)
+    await first.release()
+    await first.release()
+    third = await limiter.acquire("t1", limits, 0)
+    with pytest.raises(RateLimitError, match="concurrent requests"):
+        await limiter.acquire("t1", limits, 0)
+    await second.release()
+    await third.release()
+
+
+async def test_a_lease_never_released_lapses_after_lease_ttl(redis_client: Redis, prefix: str) -> None:
+    limiter = RedisRateLimiter(redis_client, prefix=prefix, lease_ttl=0.3)
+    limits = tier(concurrent=1)
+    await limiter.acquire("t1", limits, 0)  # as if the process died mid-request
+    with pytest.raises(RateLimitError, match="concurrent requests"):
+        await limiter.acquire("t1", limits, 0)
+    await asyncio.sleep(0.35)
+    await (await limiter.acquire("t1", limits, 0)).release()
+
+
+async def test_idle_keys_expire(redis_client: Redis, prefix: str) -> None:
+    limiter = RedisRateLimiter(redis_client, prefix=prefix, lease_ttl=30)
+    lease = await limiter.acquire("t1", tier(rpm=10, tpm=600), 300)
+    keys = [key async for key in redis_client.scan_iter(match=f"{prefix}:*")]
+    assert len(keys) == 2
+    ttls = sorted([await redis_client.pttl(key) for key in keys])
+    # Bucket: full again in 30 s (300 of 600 tokens at 10/s). Leases: lease_ttl.
+    assert 29_000 < ttls[0] <= 30_000
+    assert 29_000 < ttls[1] <= 30_000
+    await lease.release()
+
+
+async def test_two_processes_share_one_budget_exactly(
+    redis_client: Redis, other_redis_client: Redis, prefix: str
+) -> None:
+    one = RedisRateLimiter(redis_client, prefix=prefix)
+    two = RedisRateLimiter(other_redis_client, prefix=prefix)
+    limits = tier(rpm=10)
+    for _ in range(5):
+        await take(one, limits)
+        await take(two, limits)
+    for limiter in (one, two):
+        with pytest.raises(RateLimitError, match="requests per minute"):
+            await take(limiter, limits)
+
+
+async def test_a_concurrent_burst_from_two_processes_admits_exactly_the_limit(
+    redis_client: Redis, other_redis_client: Redis, prefix: str
+) -> None:
+    one = RedisRateLimiter(redis_client, prefix=prefix)
+    two = RedisRateLimiter(other_redis_client, prefix=prefix)
+    limits = tier(rpm=1000, tpm=60, concurrent=7)
+
+    async def attempt(limiter: RedisRateLimiter) -> Lease | None:
+        try:
+            return await limiter.acquire("t1", limits, 1)
+        except RateLimitError:
+            return None
+
+    leases = await asyncio.gather(*(attempt(one if i % 2 else two) for i in range(40)))
+    admitted = [lease for lease in leases if lease is not None]
+    assert len(admitted) == 7
+    for lease in admitted:
+        await lease.release()
+    assert (await take(one, limits, 1)).state.remaining_tokens == 52
