@@ -155,3 +155,18 @@ def make_client() -> Callable[[KeelServer, str], openai.OpenAI]:
 @pytest.fixture
 def client(keel: KeelServer, tenant: TenantKeys) -> openai.OpenAI:
     return _client(keel, tenant.chat_key)
+
+
+REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis; a test that needs it fails loudly (never skips) when it is not there."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"This test needs Redis at {REDIS_URL} ({exc}). Start it (redis-server) or set KEEL_TEST_REDIS_URL.")
+    return REDIS_URL

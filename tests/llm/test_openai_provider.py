@@ -55,6 +55,12 @@ async def collect(model: OpenAIChatModel, request: ChatRequest) -> tuple[list[Ch
     return events, result
 
 
+async def drain(stream: AsyncIterator[ChatEvent], seen: list[ChatEvent]) -> None:
+    """Read to the end, keeping what arrived before a failure."""
+    async for event in stream:
+        seen.append(event)
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -86,7 +92,9 @@ async def test_text_arrives_as_deltas_then_usage_then_finish(
 
 
 @pytest.mark.asyncio
-async def test_finish_reason_length_passes_through(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_finish_reason_length_passes_through(
+    fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
     fake.enqueue(Reply(text="cut", finish_reason="length"))
     _, result = await collect(make_model(session, fake.openai_base_url), ChatRequest("gpt-test", HELLO))
     assert result.finish_reason == "length"
@@ -96,7 +104,9 @@ async def test_finish_reason_length_passes_through(fake: FakeUpstream, session: 
 async def test_sends_every_set_parameter_and_the_headers(
     fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    model = make_model(session, fake.openai_base_url, model="gpt-4o-mini", headers={"OpenAI-Organization": "org-1"})
+    model = make_model(
+        session, fake.openai_base_url, model="gpt-4o-mini", headers={"OpenAI-Organization": "org-1"}
+    )
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     request = ChatRequest(
         model="gpt-test",
@@ -176,7 +186,9 @@ async def test_api_key_from_the_environment(
 
 
 @pytest.mark.asyncio
-async def test_tool_calls_stream_as_deltas_and_collect(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_tool_calls_stream_as_deltas_and_collect(
+    fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
     arguments = '{"city": "Paris", "unit": "celsius", "days": 3}'
     fake.enqueue(
         Reply(
@@ -301,18 +313,20 @@ async def test_stream_stalling_past_the_timeout_times_out(
     model = make_model(session, fake.openai_base_url, timeout=0.5)
     seen: list[ChatEvent] = []
     with pytest.raises(UpstreamTimeoutError):
-        async for event in model.stream(ChatRequest("gpt-test", HELLO)):
-            seen.append(event)
+        await drain(model.stream(ChatRequest("gpt-test", HELLO)), seen)
     assert seen == []  # the first chunk only carries the role
 
 
 @pytest.mark.asyncio
-async def test_malformed_chunk_is_an_upstream_error(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
-    fake.enqueue(Reply(raw_stream=['data: {"choices": [{"delta": {"content": "ok"}}]}\n\n', "data: {oops\n\n"]))
+async def test_malformed_chunk_is_an_upstream_error(
+    fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    fake.enqueue(
+        Reply(raw_stream=['data: {"choices": [{"delta": {"content": "ok"}}]}\n\n', "data: {oops\n\n"])
+    )
     seen: list[ChatEvent] = []
     with pytest.raises(UpstreamError, match="malformed stream chunk"):
-        async for event in make_model(session, fake.openai_base_url).stream(ChatRequest("gpt-test", HELLO)):
-            seen.append(event)
+        await drain(make_model(session, fake.openai_base_url).stream(ChatRequest("gpt-test", HELLO)), seen)
     assert seen == [TextDelta("ok")]
 
 
@@ -329,7 +343,9 @@ async def test_error_inside_the_stream_is_an_upstream_error(
 async def test_stream_ending_without_finish_reason_is_an_upstream_error(
     fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    fake.enqueue(Reply(raw_stream=['data: {"choices": [{"delta": {"content": "cut"}}]}\n\n', "data: [DONE]\n\n"]))
+    fake.enqueue(
+        Reply(raw_stream=['data: {"choices": [{"delta": {"content": "cut"}}]}\n\n', "data: [DONE]\n\n"])
+    )
     with pytest.raises(UpstreamError, match="without a finish_reason"):
         await collect(make_model(session, fake.openai_base_url), ChatRequest("gpt-test", HELLO))
 
@@ -384,7 +400,8 @@ async def test_crlf_comments_multiline_data_and_split_lines(
             raw_stream=[
                 ": keep-alive comment\r\n\r\n",
                 'data: {"choices": [{"delta": {"content": "Hé"}}]}\r\n\r\n',
-                'data: {"choices": [{"delta":\r\ndata:  {"content": "llo"}}]}\r\n',  # one event, two data lines
+                # one event in two data lines
+                'data: {"choices": [{"delta":\r\ndata:  {"content": "llo"}}]}\r\n',
                 '\r\ndata: {"choices": [{"delta": {}, "fin',  # a line split across writes
                 'ish_reason": "stop"}]}\n\n',
                 'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}\n\n',
@@ -399,7 +416,12 @@ async def test_crlf_comments_multiline_data_and_split_lines(
 
 def test_decoder_events_fields_and_final_event() -> None:
     decoder = SSEDecoder()
-    stream = b"event: ping\ndata: {}\n\n: comment\nid: 3\nretry: 10\ndata: a\ndata\ndata: b\n\nevent: x\n\ndata:tail"
+    stream = (
+        b"event: ping\ndata: {}\n\n"
+        b": comment\nid: 3\nretry: 10\ndata: a\ndata\ndata: b\n\n"
+        b"event: x\n\n"
+        b"data:tail"
+    )
     events = [*decoder.feed(stream[:17]), *decoder.feed(stream[17:]), *decoder.flush()]
     assert events == [
         ServerSentEvent("ping", "{}"),

@@ -6,23 +6,28 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
 async def connect() -> Redis:
-    client = Redis(host=REDIS_HOST, port=REDIS_PORT)
+    # No retries: a missing Redis should fail the test at once, not after backoff.
+    client = Redis(host=REDIS_HOST, port=REDIS_PORT, retry=Retry(NoBackoff(), 0))
     try:
         await client.ping()
     except (RedisConnectionError, OSError) as exc:
-        await client.aclose()
-        pytest.fail(
-            f"these tests need a real Redis at {REDIS_HOST}:{REDIS_PORT} and none answered ({exc}); "
-            "start one, e.g. `redis-server --port 6379`",
-            pytrace=False,
-        )
-    return client
+        reason = str(exc)
+    else:
+        return client
+    await client.aclose()
+    pytest.fail(
+        f"these tests need a real Redis at {REDIS_HOST}:{REDIS_PORT} and none answered ({reason}); "
+        f"start one, e.g. `redis-server --port {REDIS_PORT}`",
+        pytrace=False,
+    )
 
 
 @pytest_asyncio.fixture

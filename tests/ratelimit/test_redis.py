@@ -85,14 +85,39 @@ async def test_concurrency_release_is_idempotent(redis_client: Redis, prefix: st
     await third.release()
 
 
+async def test_release_survives_a_redis_error(
+    redis_client: Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = RedisRateLimiter(redis_client, prefix=prefix)
+    lease = await limiter.acquire("t1", tier(), 0)
+    [leases] = [key async for key in redis_client.scan_iter(match=f"{prefix}:*:c")]
+    await redis_client.set(leases, "not a sorted set")  # ZREM now fails with WRONGTYPE
+
+    async def request_that_fails() -> None:
+        try:
+            raise TimeoutError("upstream timed out")
+        finally:
+            await lease.release()
+
+    with pytest.raises(TimeoutError, match="upstream timed out"):  # not masked by the Redis error
+        await request_that_fails()
+    assert "could not release rate-limit lease" in caplog.text
+
+
 async def test_a_lease_never_released_lapses_after_lease_ttl(redis_client: Redis, prefix: str) -> None:
-    limiter = RedisRateLimiter(redis_client, prefix=prefix, lease_ttl=0.3)
-    limits = tier(concurrent=1)
-    await limiter.acquire("t1", limits, 0)  # as if the process died mid-request
+    limiter = RedisRateLimiter(redis_client, prefix=prefix, lease_ttl=0.4)
+    limits = tier(concurrent=2)
+    await limiter.acquire("t1", limits, 0)  # never released, as if its process died mid-request
+    await asyncio.sleep(0.25)
+    live = await limiter.acquire("t1", limits, 0)  # also keeps the lease set itself from expiring
     with pytest.raises(RateLimitError, match="concurrent requests"):
         await limiter.acquire("t1", limits, 0)
-    await asyncio.sleep(0.35)
-    await (await limiter.acquire("t1", limits, 0)).release()
+    await asyncio.sleep(0.2)  # the first lease is past its expiry, the second is not
+    lease = await limiter.acquire("t1", limits, 0)
+    with pytest.raises(RateLimitError, match="concurrent requests"):
+        await limiter.acquire("t1", limits, 0)
+    await lease.release()
+    await live.release()
 
 
 async def test_idle_keys_expire(redis_client: Redis, prefix: str) -> None:

@@ -92,7 +92,7 @@ class AnthropicChatModel:
             self._url,
             body=orjson.dumps(self._payload(request)),
             headers=self._headers,
-            timeout=self._timeout,
+            client_timeout=self._timeout,
             provider=self.provider,
             model=self.model,
             secret=self._api_key,

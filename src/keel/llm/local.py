@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -76,6 +76,16 @@ class LocalChatModel:
     def n_ctx(self) -> int:
         return self._local.n_ctx
 
+    @property
+    def generating(self) -> int:
+        """Requests holding a worker now (for metrics, and the 503 message)."""
+        return self._pool.busy if self._pool is not None else 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker."""
+        return self._pool.queued if self._pool is not None else 0
+
     async def start(self) -> None:
         try:
             import llama_cpp  # noqa: F401  (only to tell a missing extra apart)
@@ -98,7 +108,9 @@ class LocalChatModel:
             log.warning("local model %r disabled: %s", self.alias, self._unavailable)
             return
         self._pool = WorkerPool(list(self._instances), self._local.queue_size)
-        self._executor = ThreadPoolExecutor(self._local.workers, thread_name_prefix=f"keel-local-{self.alias}")
+        self._executor = ThreadPoolExecutor(
+            self._local.workers, thread_name_prefix=f"keel-local-{self.alias}"
+        )
         log.info("local model %r loaded from %s (%d workers)", self.alias, path, self._local.workers)
 
     def _load(self, path: Path) -> list[Llama]:
@@ -121,13 +133,15 @@ class LocalChatModel:
             )
         return self._pool, self._encoder, self._executor
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
         if request.tools:
             raise InvalidRequestError(
-                f"model {self.alias!r} (local) does not support tools", param="tools", code="tools_not_supported"
+                f"model {self.alias!r} (local) does not support tools",
+                param="tools",
+                code="tools_not_supported",
             )
         pool, encoder, executor = self._ready()
-        # Tokenizing reads only the (immutable) vocabulary, so it may run beside a generation on that instance.
+        # Tokenizing only reads the vocabulary, so it may run beside a generation on that instance.
         prompt_tokens = await asyncio.to_thread(encoder.encode, request.messages)
         job = Generation(
             prompt_tokens=prompt_tokens,
@@ -188,7 +202,9 @@ class LocalChatModel:
         self._unavailable = "the local model is shut down"
         if pool is not None:
             pool.fail_waiters(
-                UpstreamUnavailableError("local model is shutting down", provider=self.provider, model=self._model_name)
+                UpstreamUnavailableError(
+                    "local model is shutting down", provider=self.provider, model=self._model_name
+                )
             )
         for job in self._jobs:
             job.cancelled.set()

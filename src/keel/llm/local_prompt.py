@@ -9,7 +9,7 @@ from keel.errors import InvalidRequestError
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-# SmolLM2 knows system, user and assistant only: developer is a system turn, a tool result is told as user text.
+# SmolLM2 knows system, user and assistant only: developer is a system turn, a tool result user text.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
 
 
@@ -42,7 +42,9 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     for index, message in enumerate(messages):
         role = message.get("role")
         if role not in ROLES:
-            raise InvalidRequestError(f"messages[{index}]: unknown role {role!r}", param=f"messages[{index}].role")
+            raise InvalidRequestError(
+                f"messages[{index}]: unknown role {role!r}", param=f"messages[{index}].role"
+            )
         text = content_text(message.get("content"), index)
         if role == "tool":
             text = f"Tool result: {text}"
@@ -56,7 +58,7 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 class PromptEncoder:
-    """Renders messages with the GGUF's `tokenizer.chat_template` and tokenizes them with the model's vocabulary."""
+    """Renders messages with the GGUF's `tokenizer.chat_template`, tokenizes with the model's vocabulary."""
 
     def __init__(self, llama: Llama) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter

@@ -1,4 +1,4 @@
-"""One generation on one llama instance, run in a worker thread, events handed to the event loop as they come."""
+"""One generation on one llama instance in a worker thread; events reach the event loop as they come."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from keel.llm.events import ChatEvent, Finish, TextDelta, Usage
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+# llama.cpp's own defaults, for a request that sets none (temperature 0 is greedy).
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
 
 Emit = Callable[[ChatEvent | Exception], None]
 
@@ -41,7 +45,7 @@ def emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any], job: Ge
 
 
 class StopScanner:
-    """Holds back text that may be the start of a stop sequence, so a stop sequence never reaches the client."""
+    """Holds back text that may start a stop sequence, so that a stop sequence never reaches the client."""
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = [stop for stop in stops if stop]
@@ -54,7 +58,10 @@ class StopScanner:
         if hits:
             self._pending = ""
             return pending[: min(hits)], True
-        hold = max((n for stop in self._stops for n in range(len(stop) - 1, 0, -1) if pending.endswith(stop[:n])), default=0)
+        hold = max(
+            (n for stop in self._stops for n in range(len(stop) - 1, 0, -1) if pending.endswith(stop[:n])),
+            default=0,
+        )
         self._pending = pending[len(pending) - hold :]
         return pending[: len(pending) - hold], False
 
@@ -82,15 +89,12 @@ def generate(llama: Llama, job: Generation, emit: Emit) -> tuple[int, str]:
     vocab = llama_cpp.llama_model_get_vocab(llama.model)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
     scanner = StopScanner(job.stop)
-    sampling: dict[str, float] = {}
-    if job.temperature is not None:
-        sampling["temp"] = job.temperature
-    if job.top_p is not None:
-        sampling["top_p"] = job.top_p
+    temperature = job.temperature if job.temperature is not None else DEFAULT_TEMPERATURE
+    top_p = job.top_p if job.top_p is not None else DEFAULT_TOP_P
     llama.set_seed(job.seed if job.seed is not None else random.getrandbits(31))
 
     output_tokens, reason = 0, "length"
-    for token in llama.generate(job.prompt_tokens, **sampling):
+    for token in llama.generate(job.prompt_tokens, temp=temperature, top_p=top_p):
         # Checked between tokens: a closed stream frees this worker within one token's time.
         if job.cancelled.is_set():
             return output_tokens, "stop"

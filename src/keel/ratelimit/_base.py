@@ -95,13 +95,14 @@ def format_duration(seconds: float) -> str:
 def state_for(limits: TierLimits, requests: float, tokens: float) -> RateLimitState:
     """The client's view of two bucket levels (which may be negative after a settle)."""
     rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    # Positional and int() rather than math.floor: this runs on every admitted request.
     return RateLimitState(
-        limit_requests=rpm,
-        remaining_requests=max(0, math.floor(requests)),
-        limit_tokens=tpm,
-        remaining_tokens=max(0, math.floor(tokens)),
-        reset_requests=max(0.0, (rpm - requests) * 60.0 / rpm),
-        reset_tokens=max(0.0, (tpm - tokens) * 60.0 / tpm),
+        rpm,
+        int(requests) if requests > 0 else 0,
+        tpm,
+        int(tokens) if tokens > 0 else 0,
+        (rpm - requests) * 60.0 / rpm,  # >= 0: a level never exceeds its capacity
+        (tpm - tokens) * 60.0 / tpm,
     )
 
 

@@ -27,7 +27,12 @@ HOST = "127.0.0.1"
 MODEL_IDS = ("fake-gpt", "fake-claude")
 
 # OpenAI finish reasons → Anthropic stop reasons; anything else is sent as given (e.g. "stop_sequence").
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -137,6 +142,14 @@ class FakeUpstream:
     def enqueue(self, *replies: Reply) -> None:
         """Answer the next requests with these replies, in order; then `default_reply` again."""
         self._replies.extend(replies)
+
+    def reset(self) -> None:
+        """Forget requests, queued replies and cancellations; back to the stock default reply."""
+        self.default_reply = Reply()
+        self.requests.clear()
+        self._replies.clear()
+        with self._cancelled_changed:
+            self._cancelled = 0
 
     @property
     def cancelled_streams(self) -> int:
@@ -435,29 +448,42 @@ _PING = _event(b"ping", {"type": "ping"})
 
 def _anthropic_stream(reply: Reply, request: dict[str, Any], input_tokens: int) -> list[bytes]:
     message = _anthropic_body(reply, request, input_tokens)
-    start = message | {"content": [], "stop_reason": None, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}
+    usage = {"input_tokens": input_tokens, "output_tokens": 1}
+    start = message | {"content": [], "stop_reason": None, "usage": usage}
     pieces = [_event(b"message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(message["content"]):
-        opening = block | {"text": ""} if block["type"] == "text" else block | {"input": {}}
-        pieces.append(_event(b"content_block_start", {"type": "content_block_start", "index": index, "content_block": opening}))
-        if index == 0:
-            pieces.append(_PING)  # where the real API sends its first ping
-        if block["type"] == "text":
-            deltas = [{"type": "text_delta", "text": text} for text in reply.pieces()]
-        else:
-            arguments = orjson.dumps(block["input"]).decode()
-            deltas = [{"type": "input_json_delta", "partial_json": part} for part in _split(arguments)]
-        for delta in deltas:
-            pieces.append(_event(b"content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
-        pieces.append(_event(b"content_block_stop", {"type": "content_block_stop", "index": index}))
+        pieces += _anthropic_block(reply, index, block)
     if reply.stream_error is not None:
         error = {"type": reply.error_type or "api_error", "message": reply.stream_error}
         pieces.append(_event(b"error", {"type": "error", "error": error}))
         return pieces
-    delta = {"stop_reason": message["stop_reason"], "stop_sequence": None}
-    usage = {"output_tokens": message["usage"]["output_tokens"]}
-    pieces.append(_event(b"message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
+    ending = {"stop_reason": message["stop_reason"], "stop_sequence": None}
+    counts = {"output_tokens": message["usage"]["output_tokens"]}
+    pieces.append(_event(b"message_delta", {"type": "message_delta", "delta": ending, "usage": counts}))
     pieces.append(_event(b"message_stop", {"type": "message_stop"}))
+    return pieces
+
+
+def _anthropic_block(reply: Reply, index: int, block: dict[str, Any]) -> list[bytes]:
+    if block["type"] == "text":
+        opening = block | {"text": ""}
+        deltas = [{"type": "text_delta", "text": text} for text in reply.pieces()]
+    else:
+        opening = block | {"input": {}}
+        arguments = orjson.dumps(block["input"]).decode()
+        deltas = [{"type": "input_json_delta", "partial_json": part} for part in _split(arguments)]
+    pieces = [
+        _event(
+            b"content_block_start", {"type": "content_block_start", "index": index, "content_block": opening}
+        )
+    ]
+    if index == 0:
+        pieces.append(_PING)  # where the real API sends its first ping
+    for delta in deltas:
+        pieces.append(
+            _event(b"content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+        )
+    pieces.append(_event(b"content_block_stop", {"type": "content_block_stop", "index": index}))
     return pieces
 
 

@@ -23,11 +23,18 @@ class KeelServer:
         self._socket.bind(("127.0.0.1", 0))
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            self.app, loop="asyncio", http="httptools", log_config=None, access_log=False, lifespan="on",
+            self.app,
+            loop="asyncio",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            lifespan="on",
             timeout_graceful_shutdown=int(settings.shutdown_drain_seconds),
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -61,10 +61,25 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
             ) from None
         if first["type"] == "model_type" and not first["loc"]:
             raise InvalidRequestError("The request body must be a JSON object.") from None
-        param = ".".join(str(part) for part in first["loc"][:4])
+        param = _param(first["loc"])
         count = len(exc.errors())
         more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
         raise InvalidRequestError(f"Invalid '{param}': {first['msg']}{more}.", param=param) from None
+
+
+_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    """pydantic's location, minus union bookkeeping: ('messages', 0, 'user', 'content', 'str') → messages.0.content."""
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and i > 0 and isinstance(loc[i - 1], int) and part in _ROLE_TAGS:
+            continue  # the discriminator's branch name
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict")):
+            break  # a union member's type name
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 async def sse(opened: OpenedChat, writer: ChunkWriter) -> AsyncIterator[bytes]:

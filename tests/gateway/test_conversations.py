@@ -1,0 +1,109 @@
+"""Conversations: prior turns go upstream, new turns are stored, tenants never see each other's."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from keel.testing import FakeUpstream, Reply
+from keel.testing.server import KeelServer
+
+
+def _get(keel: KeelServer, key: str, conversation_id: str) -> httpx.Response:
+    return httpx.get(f"{keel.base_url}/conversations/{conversation_id}", headers={"Authorization": f"Bearer {key}"})
+
+
+def _wait_for_turns(keel: KeelServer, key: str, conversation_id: str, count: int) -> list[dict[str, Any]]:
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        messages: list[dict[str, Any]] = _get(keel, key, conversation_id).json().get("messages", [])
+        if len(messages) >= count or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.02)
+
+
+def test_turns_are_stored_and_sent_back_upstream(client: openai.OpenAI, keel: KeelServer, tenant: Any,
+                                                  fake: FakeUpstream) -> None:
+    conversation = f"conv-{uuid.uuid4().hex[:8]}"
+    fake.enqueue(Reply(text="Nice to meet you, Ada."), Reply(text="Your name is Ada."))
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake",
+        messages=[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "I am Ada."}],
+        extra_body={"conversation_id": conversation},
+    )
+    assert raw.headers["x-keel-conversation-id"] == conversation
+    _wait_for_turns(keel, tenant.chat_key, conversation, 2)
+
+    client.chat.completions.create(
+        model="fake",
+        messages=[{"role": "user", "content": "What is my name?"}],
+        extra_headers={"X-Keel-Conversation-Id": conversation},
+    )
+    sent = fake.requests[-1].body["messages"]
+    assert sent == [
+        {"role": "user", "content": "I am Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    turns = _wait_for_turns(keel, tenant.chat_key, conversation, 4)
+    assert [(t["role"], t["content"]) for t in turns] == [
+        ("user", "I am Ada."),
+        ("assistant", "Nice to meet you, Ada."),
+        ("user", "What is my name?"),
+        ("assistant", "Your name is Ada."),
+    ]
+
+
+def test_streamed_reply_is_stored(client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream) -> None:
+    conversation = f"conv-{uuid.uuid4().hex[:8]}"
+    fake.enqueue(Reply(text="streamed words here", chunks=["streamed", " words", " here"]))
+    list(
+        client.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "go"}], stream=True,
+            extra_body={"conversation_id": conversation},
+        )
+    )
+    turns = _wait_for_turns(keel, tenant.chat_key, conversation, 2)
+    assert turns[-1] == {"role": "assistant", "content": "streamed words here"}
+
+
+def test_user_turn_is_durable_even_when_the_model_fails(client: openai.OpenAI, keel: KeelServer, tenant: Any,
+                                                         fake: FakeUpstream) -> None:
+    conversation = f"conv-{uuid.uuid4().hex[:8]}"
+    fake.enqueue(Reply(status=500))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "remember me"}],
+            extra_body={"conversation_id": conversation},
+        )
+    assert caught.value.status_code == 502
+    turns = _get(keel, tenant.chat_key, conversation).json()["messages"]
+    assert turns == [{"role": "user", "content": "remember me"}]
+
+
+def test_other_tenants_cannot_see_or_extend_a_conversation(
+    client: openai.OpenAI, keel: KeelServer, tenant: Any, make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI], fake: FakeUpstream,
+) -> None:
+    conversation = f"conv-{uuid.uuid4().hex[:8]}"
+    client.chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "secret of tenant A"}],
+        extra_body={"conversation_id": conversation},
+    )
+    intruder = make_tenant()
+    response = _get(keel, intruder.chat_key, conversation)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"
+    # The same id under another tenant is another conversation: A's turns never reach B's model call.
+    make_client(keel, intruder.chat_key).chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "hello"}], extra_body={"conversation_id": conversation}
+    )
+    assert fake.requests[-1].body["messages"] == [{"role": "user", "content": "hello"}]
+    assert _wait_for_turns(keel, tenant.chat_key, conversation, 2)[0]["content"] == "secret of tenant A"
