@@ -40,7 +40,9 @@ def database_url() -> Iterator[str]:
     try:
         asyncio.run(_admin(f"CREATE DATABASE {name}"))
     except OSError as exc:
-        pytest.fail(f"These tests need the PostgreSQL at {PG_ADMIN_URL} ({exc}); start it or set KEEL_TEST_PG_URL.")
+        pytest.fail(
+            f"These tests need the PostgreSQL at {PG_ADMIN_URL} ({exc}); start it or set KEEL_TEST_PG_URL."
+        )
     yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
@@ -70,8 +72,9 @@ def make_settings(database_url: str, fake: FakeUpstream, session_dir: Path) -> C
             "log_level": "WARNING",
             "models": {
                 "fake": ModelConfig(provider="openai", base_url=fake.openai_base_url, model="fake-gpt"),
-                "claude": ModelConfig(provider="anthropic", base_url=fake.base_url, model="claude-test",
-                                      api_key="sk-ant-test"),
+                "claude": ModelConfig(
+                    provider="anthropic", base_url=fake.base_url, model="claude-test", api_key="sk-ant-test"
+                ),
             },
             "default_model": "fake",
         }
@@ -168,5 +171,7 @@ def redis_url() -> str:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
-        pytest.fail(f"This test needs Redis at {REDIS_URL} ({exc}). Start it (redis-server) or set KEEL_TEST_REDIS_URL.")
+        pytest.fail(
+            f"This test needs Redis at {REDIS_URL} ({exc}); start redis-server or set KEEL_TEST_REDIS_URL."
+        )
     return REDIS_URL

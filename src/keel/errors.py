@@ -143,4 +143,6 @@ def upstream_status_error(
         return UpstreamUnavailableError(
             text, provider=provider, model=model, upstream_status=status, upstream_headers=headers
         )
-    return UpstreamError(text, provider=provider, model=model, upstream_status=status, upstream_headers=headers)
+    return UpstreamError(
+        text, provider=provider, model=model, upstream_status=status, upstream_headers=headers
+    )

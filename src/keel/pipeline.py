@@ -1,12 +1,12 @@
 """ChatPipeline: the stages of one chat request. No HTTP and no SQL here, only components.
 
-    1. resolve prompt        PromptResolver   (pass-through until the prompt registry lands)
-    2. load conversation  ┐  ConversationStore (prior turns; the new user turn is durable first)
-    3. retrieve           ┘  Retriever        (pass-through until RAG lands); 2 and 3 run concurrently
-    4. assemble context      ContextAssembler (prompt + retrieved + history + new turns)
-    5. call the model        ModelRegistry → ChatModel (resilience wraps it later)
-    6. deliver               the caller iterates the events as they come
-    7. record                Recorder, off the critical path
+1. resolve prompt        PromptResolver   (pass-through until the prompt registry lands)
+2. load conversation  ┐  ConversationStore (prior turns; the new user turn is durable first)
+3. retrieve           ┘  Retriever        (pass-through until RAG lands); 2 and 3 run concurrently
+4. assemble context      ContextAssembler (prompt + retrieved + history + new turns)
+5. call the model        ModelRegistry → ChatModel (resilience wraps it later)
+6. deliver               the caller iterates the events as they come
+7. record                Recorder, off the critical path
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -86,7 +86,11 @@ class ContextAssembler:
     """System and developer messages first, then the prompt, then retrieved context, history, new turns."""
 
     def assemble(
-        self, prompt: list[Message], history: list[Message], retrieved: list[RetrievedChunk], new: list[Message]
+        self,
+        prompt: list[Message],
+        history: list[Message],
+        retrieved: list[RetrievedChunk],
+        new: list[Message],
     ) -> list[Message]:
         if not (prompt or history or retrieved):
             return new
@@ -133,7 +137,7 @@ class ChatPipeline:
         self._assembler = assembler or ContextAssembler()
         self._recorders = recorders if recorders is not None else [ConversationRecorder(conversations)]
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[ChatEvent]:
+    async def stream(self, call: ChatCall) -> AsyncGenerator[ChatEvent, None]:
         """Yield the model's events. Errors before the first event surface as they are (for HTTP status)."""
         started = time.perf_counter()
         model = self._models.get(call.request.model)  # unknown alias: NotFoundError before any work

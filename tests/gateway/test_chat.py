@@ -26,8 +26,12 @@ def test_non_streaming_completion_has_the_sdk_shape(client: openai.OpenAI, fake:
     assert completion.usage.total_tokens == 15
 
 
-def test_streaming_delivers_chunks_and_usage_in_the_last_one(client: openai.OpenAI, fake: FakeUpstream) -> None:
-    fake.enqueue(Reply(text="one two three", chunks=["one", " two", " three"], input_tokens=5, output_tokens=3))
+def test_streaming_delivers_chunks_and_usage_in_the_last_one(
+    client: openai.OpenAI, fake: FakeUpstream
+) -> None:
+    fake.enqueue(
+        Reply(text="one two three", chunks=["one", " two", " three"], input_tokens=5, output_tokens=3)
+    )
     stream = client.chat.completions.create(
         model="fake",
         messages=[{"role": "user", "content": "count"}],
@@ -152,11 +156,15 @@ def test_anthropic_alias_answers_in_openai_format(client: openai.OpenAI, fake: F
 
 def test_request_id_is_honoured_or_generated(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model="fake", messages=[{"role": "user", "content": "x"}], extra_headers={"X-Request-ID": "my-trace-42"}
+        model="fake",
+        messages=[{"role": "user", "content": "x"}],
+        extra_headers={"X-Request-ID": "my-trace-42"},
     )
     assert raw.headers["x-request-id"] == "my-trace-42"
     raw = client.chat.completions.with_raw_response.create(
-        model="fake", messages=[{"role": "user", "content": "x"}], extra_headers={"X-Request-ID": "bad id\twith junk"}
+        model="fake",
+        messages=[{"role": "user", "content": "x"}],
+        extra_headers={"X-Request-ID": "bad id\twith junk"},
     )
     generated = raw.headers["x-request-id"]
     assert generated.startswith("req_") and len(generated) > 10

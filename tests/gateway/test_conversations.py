@@ -15,7 +15,9 @@ from keel.testing.server import KeelServer
 
 
 def _get(keel: KeelServer, key: str, conversation_id: str) -> httpx.Response:
-    return httpx.get(f"{keel.base_url}/conversations/{conversation_id}", headers={"Authorization": f"Bearer {key}"})
+    return httpx.get(
+        f"{keel.base_url}/conversations/{conversation_id}", headers={"Authorization": f"Bearer {key}"}
+    )
 
 
 def _wait_for_turns(keel: KeelServer, key: str, conversation_id: str, count: int) -> list[dict[str, Any]]:
@@ -29,8 +31,9 @@ def _wait_for_turns(keel: KeelServer, key: str, conversation_id: str, count: int
         time.sleep(0.02)
 
 
-def test_turns_are_stored_and_sent_back_upstream(client: openai.OpenAI, keel: KeelServer, tenant: Any,
-                                                  fake: FakeUpstream) -> None:
+def test_turns_are_stored_and_sent_back_upstream(
+    client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream
+) -> None:
     conversation = f"conv-{uuid.uuid4().hex[:8]}"
     fake.enqueue(Reply(text="Nice to meet you, Ada."), Reply(text="Your name is Ada."))
     raw = client.chat.completions.with_raw_response.create(
@@ -61,12 +64,16 @@ def test_turns_are_stored_and_sent_back_upstream(client: openai.OpenAI, keel: Ke
     ]
 
 
-def test_streamed_reply_is_stored(client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream) -> None:
+def test_streamed_reply_is_stored(
+    client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream
+) -> None:
     conversation = f"conv-{uuid.uuid4().hex[:8]}"
     fake.enqueue(Reply(text="streamed words here", chunks=["streamed", " words", " here"]))
     list(
         client.chat.completions.create(
-            model="fake", messages=[{"role": "user", "content": "go"}], stream=True,
+            model="fake",
+            messages=[{"role": "user", "content": "go"}],
+            stream=True,
             extra_body={"conversation_id": conversation},
         )
     )
@@ -74,13 +81,15 @@ def test_streamed_reply_is_stored(client: openai.OpenAI, keel: KeelServer, tenan
     assert turns[-1] == {"role": "assistant", "content": "streamed words here"}
 
 
-def test_user_turn_is_durable_even_when_the_model_fails(client: openai.OpenAI, keel: KeelServer, tenant: Any,
-                                                         fake: FakeUpstream) -> None:
+def test_user_turn_is_durable_even_when_the_model_fails(
+    client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream
+) -> None:
     conversation = f"conv-{uuid.uuid4().hex[:8]}"
     fake.enqueue(Reply(status=500))
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(
-            model="fake", messages=[{"role": "user", "content": "remember me"}],
+            model="fake",
+            messages=[{"role": "user", "content": "remember me"}],
             extra_body={"conversation_id": conversation},
         )
     assert caught.value.status_code == 502
@@ -89,12 +98,17 @@ def test_user_turn_is_durable_even_when_the_model_fails(client: openai.OpenAI, k
 
 
 def test_other_tenants_cannot_see_or_extend_a_conversation(
-    client: openai.OpenAI, keel: KeelServer, tenant: Any, make_tenant: Callable[..., Any],
-    make_client: Callable[..., openai.OpenAI], fake: FakeUpstream,
+    client: openai.OpenAI,
+    keel: KeelServer,
+    tenant: Any,
+    make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI],
+    fake: FakeUpstream,
 ) -> None:
     conversation = f"conv-{uuid.uuid4().hex[:8]}"
     client.chat.completions.create(
-        model="fake", messages=[{"role": "user", "content": "secret of tenant A"}],
+        model="fake",
+        messages=[{"role": "user", "content": "secret of tenant A"}],
         extra_body={"conversation_id": conversation},
     )
     intruder = make_tenant()
@@ -103,7 +117,9 @@ def test_other_tenants_cannot_see_or_extend_a_conversation(
     assert response.json()["error"]["type"] == "not_found_error"
     # The same id under another tenant is another conversation: A's turns never reach B's model call.
     make_client(keel, intruder.chat_key).chat.completions.create(
-        model="fake", messages=[{"role": "user", "content": "hello"}], extra_body={"conversation_id": conversation}
+        model="fake",
+        messages=[{"role": "user", "content": "hello"}],
+        extra_body={"conversation_id": conversation},
     )
     assert fake.requests[-1].body["messages"] == [{"role": "user", "content": "hello"}]
     assert _wait_for_turns(keel, tenant.chat_key, conversation, 2)[0]["content"] == "secret of tenant A"

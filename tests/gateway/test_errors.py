@@ -13,7 +13,9 @@ from keel.testing import FakeUpstream, Reply
 from keel.testing.server import KeelServer
 
 
-def _post(keel: KeelServer, key: str | None, body: Any = None, content: bytes | None = None) -> httpx.Response:
+def _post(
+    keel: KeelServer, key: str | None, body: Any = None, content: bytes | None = None
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if content is not None:
         headers["Content-Type"] = "application/json"
@@ -97,7 +99,9 @@ def test_sdk_raises_bad_request_for_unknown_role(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="fake", messages=[{"role": "robot", "content": "x"}])  # type: ignore[misc, list-item]
 
 
-def test_oversized_body_is_413(start_keel: Callable[..., KeelServer], make_tenant: Callable[..., Any]) -> None:
+def test_oversized_body_is_413(
+    start_keel: Callable[..., KeelServer], make_tenant: Callable[..., Any]
+) -> None:
     server = start_keel(max_body_bytes=2_000)
     key = make_tenant().chat_key
     big = {"messages": [{"role": "user", "content": "x" * 5_000}]}
@@ -120,7 +124,11 @@ def test_oversized_body_is_413(start_keel: Callable[..., KeelServer], make_tenan
 
 @pytest.mark.parametrize(
     ("upstream_status", "status", "error_type"),
-    [(500, 502, openai.InternalServerError), (503, 503, openai.InternalServerError), (400, 400, openai.BadRequestError)],
+    [
+        (500, 502, openai.InternalServerError),
+        (503, 503, openai.InternalServerError),
+        (400, 400, openai.BadRequestError),
+    ],
 )
 def test_upstream_failures_map_to_gateway_statuses(
     client: openai.OpenAI, fake: FakeUpstream, upstream_status: int, status: int, error_type: type[Exception]
@@ -131,8 +139,12 @@ def test_upstream_failures_map_to_gateway_statuses(
     assert caught.value.status_code == status  # type: ignore[attr-defined]
 
 
-def test_upstream_timeout_is_504(start_keel: Callable[..., KeelServer], make_tenant: Callable[..., Any],
-                                 fake: FakeUpstream, make_client: Callable[..., openai.OpenAI]) -> None:
+def test_upstream_timeout_is_504(
+    start_keel: Callable[..., KeelServer],
+    make_tenant: Callable[..., Any],
+    fake: FakeUpstream,
+    make_client: Callable[..., openai.OpenAI],
+) -> None:
     from keel.settings import ModelConfig
 
     server = start_keel(
@@ -150,11 +162,13 @@ def test_unknown_route_and_method_are_enveloped(keel: KeelServer, tenant: Any) -
     _assert_envelope(httpx.get(f"{keel.base_url}/chat/completions"), 405)
 
 
-def test_error_in_the_middle_of_a_stream_is_reported_in_band(client: openai.OpenAI, fake: FakeUpstream) -> None:
+def test_error_in_the_middle_of_a_stream_is_reported_in_band(
+    client: openai.OpenAI, fake: FakeUpstream
+) -> None:
     fake.enqueue(Reply(text="a b", chunks=["a", " b"], stream_error="upstream went away"))
     stream = client.chat.completions.create(model="fake", messages=MESSAGES, stream=True)
     received = []
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.APIError):  # noqa: PT012 - the error arrives while iterating
         for chunk in stream:
             received.append(chunk.choices[0].delta.content if chunk.choices else None)
     assert received[:2] == ["a", " b"]

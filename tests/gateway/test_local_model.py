@@ -37,5 +37,7 @@ def test_local_model_non_streaming(client: openai.OpenAI) -> None:
 def test_local_model_refuses_tools(client: openai.OpenAI) -> None:
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="local", messages=[{"role": "user", "content": "x"}], tools=[tool])
+        client.chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "x"}], tools=[tool]
+        )
     assert "tools" in caught.value.message

@@ -18,11 +18,15 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
 def _tiers(rpm: int = 1000, tpm: int = 1_000_000, concurrent: int = 100) -> dict[str, TierLimits]:
-    return {"free": TierLimits(requests_per_minute=rpm, tokens_per_minute=tpm, concurrent_requests=concurrent)}
+    return {
+        "free": TierLimits(requests_per_minute=rpm, tokens_per_minute=tpm, concurrent_requests=concurrent)
+    }
 
 
 def test_requests_per_minute_exact_with_headers(
-    start_keel: Callable[..., KeelServer], make_tenant: Callable[..., Any], make_client: Callable[..., openai.OpenAI]
+    start_keel: Callable[..., KeelServer],
+    make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI],
 ) -> None:
     server = start_keel(tiers=_tiers(rpm=3))
     client = make_client(server, make_tenant("free").chat_key)
@@ -42,10 +46,15 @@ def test_requests_per_minute_exact_with_headers(
 
 
 def test_limits_are_per_tenant(
-    start_keel: Callable[..., KeelServer], make_tenant: Callable[..., Any], make_client: Callable[..., openai.OpenAI]
+    start_keel: Callable[..., KeelServer],
+    make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI],
 ) -> None:
     server = start_keel(tiers=_tiers(rpm=1))
-    first, second = make_client(server, make_tenant("free").chat_key), make_client(server, make_tenant("free").chat_key)
+    first, second = (
+        make_client(server, make_tenant("free").chat_key),
+        make_client(server, make_tenant("free").chat_key),
+    )
     first.chat.completions.create(model="fake", messages=MESSAGES)
     second.chat.completions.create(model="fake", messages=MESSAGES)  # its own budget
     with pytest.raises(openai.RateLimitError):

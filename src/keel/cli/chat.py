@@ -19,7 +19,9 @@ from keel.settings import Settings
 
 
 def chat(
-    base_url: Annotated[str | None, typer.Option(help="Keel's API base, e.g. http://127.0.0.1:8000/v1.")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="Keel's API base, e.g. http://127.0.0.1:8000/v1.")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (default: DATA_DIR/admin.key).")] = None,
     model: Annotated[str, typer.Option(help="Model alias.")] = "local",
     conversation: Annotated[str | None, typer.Option(help="Continue this conversation id.")] = None,
@@ -60,7 +62,9 @@ async def _loop(base: str, key: str, model: str, conversation_id: str, system: s
                 raise typer.Exit(1)
 
 
-async def _turn(session: aiohttp.ClientSession, base: str, model: str, messages: list[dict[str, str]]) -> bool:
+async def _turn(
+    session: aiohttp.ClientSession, base: str, model: str, messages: list[dict[str, str]]
+) -> bool:
     body = {"model": model, "messages": messages, "stream": True}
     async with session.post(f"{base}/chat/completions", json=body) as response:
         if response.status != 200:

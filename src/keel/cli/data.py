@@ -80,7 +80,9 @@ def keys_create(
 ) -> None:
     """Create an API key. It is printed once, as the last line: store it now."""
     info, secret = run_with_tenants(lambda s: s.create_key(tenant, scope, label))
-    typer.echo(f"created {info.scope} key {info.prefix}… for tenant {info.tenant}; it will not be shown again:")
+    typer.echo(
+        f"created {info.scope} key {info.prefix}… for tenant {info.tenant}; it will not be shown again:"
+    )
     typer.echo(secret)
 
 

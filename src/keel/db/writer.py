@@ -55,7 +55,7 @@ class WriteQueue:
         """Wait until everything queued so far is written (tests, shutdown)."""
         await self._idle.wait()
 
-    async def close(self, timeout: float = 30.0) -> None:
+    async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a drain deadline, not a call timeout
         self._closing = True
         self._wakeup.set()
         try:

@@ -14,15 +14,25 @@ from keel.errors import KeelError
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
 
 
 def error_response(status: int, envelope: object, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(envelope), status_code=status, headers=headers, media_type="application/json")
+    return Response(
+        orjson.dumps(envelope), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
-def _envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
+def _envelope(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, object]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -49,8 +59,12 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-    return error_response(400, _envelope(f"Invalid request: {first.get('msg', 'bad input')}",
-                                         "invalid_request_error", param or None))
+    return error_response(
+        400,
+        _envelope(
+            f"Invalid request: {first.get('msg', 'bad input')}", "invalid_request_error", param or None
+        ),
+    )
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:

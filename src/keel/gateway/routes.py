@@ -23,13 +23,16 @@ async def list_models(principal: PrincipalDep, keel: ComponentsDep) -> dict[str,
     return {
         "object": "list",
         "data": [
-            {"id": m.alias, "object": "model", "created": 0, "owned_by": m.provider} for m in keel.models.info()
+            {"id": m.alias, "object": "model", "created": 0, "owned_by": m.provider}
+            for m in keel.models.info()
         ],
     }
 
 
 @router.get("/v1/conversations/{conversation_id}")
-async def get_conversation(conversation_id: str, principal: PrincipalDep, keel: ComponentsDep) -> dict[str, Any]:
+async def get_conversation(
+    conversation_id: str, principal: PrincipalDep, keel: ComponentsDep
+) -> dict[str, Any]:
     found = await keel.conversations.get(principal.tenant_id, conversation_id)
     if found is None:  # another tenant's conversation is indistinguishable from a missing one
         raise NotFoundError(f"No conversation {conversation_id!r}.", param="conversation_id")
@@ -71,4 +74,10 @@ async def list_keys(principal: AdminDep, keel: ComponentsDep) -> dict[str, Any]:
 @router.post("/v1/keys", status_code=201)
 async def create_key(body: CreateKey, principal: AdminDep, keel: ComponentsDep) -> dict[str, Any]:
     info, secret = await keel.tenants.create_key(principal.tenant, body.scope, body.label)
-    return {"id": str(info.id), "prefix": info.prefix, "scope": info.scope, "label": info.label, "key": secret}
+    return {
+        "id": str(info.id),
+        "prefix": info.prefix,
+        "scope": info.scope,
+        "label": info.label,
+        "key": secret,
+    }

@@ -15,7 +15,7 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
-    """A piece of one tool call. `id` and `name` come with the first piece of a call, `arguments` in pieces."""
+    """A piece of one tool call: `id` and `name` come with its first piece, `arguments` in pieces."""
 
     index: int
     id: str | None = None

@@ -40,7 +40,8 @@ class ModelRegistry:
 
     def info(self) -> list[ModelInfo]:
         return [
-            ModelInfo(alias, config.provider, config.model or alias) for alias, config in self._configs.items()
+            ModelInfo(alias, config.provider, config.model or alias)
+            for alias, config in self._configs.items()
         ]
 
     async def start(self) -> None:
@@ -54,7 +55,9 @@ class ModelRegistry:
             await model.aclose()
 
 
-def build_model(alias: str, config: ModelConfig, settings: Settings, session: aiohttp.ClientSession) -> ChatModel:
+def build_model(
+    alias: str, config: ModelConfig, settings: Settings, session: aiohttp.ClientSession
+) -> ChatModel:
     if config.provider == "openai":
         from keel.llm.openai_compat import OpenAIChatModel
 

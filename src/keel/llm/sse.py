@@ -6,7 +6,8 @@ the connection closed at once when the caller stops early); providers only trans
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,7 @@ class SSEDecoder:
         return self.feed(b"\n\n")
 
 
-async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[ServerSentEvent]:
+async def iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ServerSentEvent, None]:
     decoder = SSEDecoder()
     async for chunk in response.content.iter_any():
         for event in decoder.feed(chunk):
@@ -104,12 +105,9 @@ async def post_sse(
         response = await session.post(url, data=body, headers=headers, timeout=client_timeout)
         if response.status >= 300:
             raise await _status_error(response, provider, model, secret)
-        decoder = SSEDecoder()
-        async for chunk in response.content.iter_any():
-            for event in decoder.feed(chunk):
+        async with aclosing(iter_sse(response)) as events:
+            async for event in events:
                 yield event
-        for event in decoder.flush():
-            yield event
         complete = True
     except TimeoutError as exc:  # before ClientError: aiohttp's timeout errors are both
         raise UpstreamTimeoutError(

@@ -64,9 +64,7 @@ class TenantService:
         try:
             async with self._engine.begin() as conn:
                 row = (
-                    await conn.execute(
-                        tenants.insert().values(name=name, tier=tier).returning(*tenants.c)
-                    )
+                    await conn.execute(tenants.insert().values(name=name, tier=tier).returning(*tenants.c))
                 ).one()
         except IntegrityError as exc:
             raise InvalidRequestError(f"tenant {name!r} already exists", param="name") from exc
@@ -94,7 +92,9 @@ class TenantService:
             row = (
                 await conn.execute(
                     api_keys.insert()
-                    .values(tenant_id=owner.id, prefix=new.prefix, key_hash=new.digest, scope=scope, label=label)
+                    .values(
+                        tenant_id=owner.id, prefix=new.prefix, key_hash=new.digest, scope=scope, label=label
+                    )
                     .returning(*api_keys.c)
                 )
             ).one()
@@ -133,8 +133,14 @@ class TenantService:
     async def authenticate(self, secret: str) -> Principal | None:
         """One indexed lookup by hash; the gateway caches the answer."""
         query = (
-            select(api_keys.c.id, api_keys.c.scope, api_keys.c.label, tenants.c.id.label("tenant_id"),
-                   tenants.c.name, tenants.c.tier)
+            select(
+                api_keys.c.id,
+                api_keys.c.scope,
+                api_keys.c.label,
+                tenants.c.id.label("tenant_id"),
+                tenants.c.name,
+                tenants.c.tier,
+            )
             .join(tenants, tenants.c.id == api_keys.c.tenant_id)
             .where(api_keys.c.key_hash == keys.digest(secret))
             .where(api_keys.c.revoked_at.is_(None))
@@ -151,9 +157,7 @@ class TenantService:
             return
         async with self._engine.begin() as conn:
             for key_id, when in used.items():
-                await conn.execute(
-                    update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when)
-                )
+                await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
 
     async def bootstrap(self) -> str | None:
         """On an empty database: tenant `default` (enterprise) and one admin key, returned once."""
@@ -173,7 +177,10 @@ class TenantService:
             new = keys.generate()
             await conn.execute(
                 api_keys.insert().values(
-                    tenant_id=inserted.id, prefix=new.prefix, key_hash=new.digest, scope="admin",
+                    tenant_id=inserted.id,
+                    prefix=new.prefix,
+                    key_hash=new.digest,
+                    scope="admin",
                     label="bootstrap admin",
                 )
             )

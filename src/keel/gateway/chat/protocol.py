@@ -128,7 +128,9 @@ def completion_json(completion_id: str, created: int, model: str, result: ChatRe
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
+        ],
         "usage": usage_json(result.usage),
     }
 
@@ -151,8 +153,10 @@ class ChunkWriter:
         if not self._role_sent:
             delta = {"role": "assistant", **delta}
             self._role_sent = True
-        chunk = {**self._base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                            "finish_reason": finish_reason}]}
+        chunk = {
+            **self._base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
         if self._include_usage:
             chunk["usage"] = None
         return chunk

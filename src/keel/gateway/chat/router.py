@@ -25,7 +25,9 @@ CONVERSATION_HEADER = "x-keel-conversation-id"
 
 
 @router.post("/v1/chat/completions")
-async def create_chat_completion(request: Request, principal: PrincipalDep, service: ChatServiceDep) -> Response:
+async def create_chat_completion(
+    request: Request, principal: PrincipalDep, service: ChatServiceDep
+) -> Response:
     body = parse_body(await request.body())
     request_id: str = request.state.request_id
     opened = await service.open(principal, body, request_id, request.headers.get(CONVERSATION_HEADER))
@@ -38,7 +40,9 @@ async def create_chat_completion(request: Request, principal: PrincipalDep, serv
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(completion_id, created, opened.model, include_usage)
         return StreamingResponse(
-            sse(opened, writer), media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"}
+            sse(opened, writer),
+            media_type="text/event-stream",
+            headers=headers | {"cache-control": "no-cache"},
         )
     result = ChatResult()
     async for event in opened.events:
@@ -57,7 +61,8 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             raise InvalidRequestError(
-                "We could not parse the JSON body of your request: " + str(first["ctx"].get("error", "invalid JSON"))
+                "We could not parse the JSON body of your request: "
+                + str(first["ctx"].get("error", "invalid JSON"))
             ) from None
         if first["type"] == "model_type" and not first["loc"]:
             raise InvalidRequestError("The request body must be a JSON object.") from None
@@ -71,7 +76,7 @@ _ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
-    """pydantic's location, minus union bookkeeping: ('messages', 0, 'user', 'content', 'str') → messages.0.content."""
+    """pydantic's location minus union bookkeeping: (messages, 0, user, content, str) → messages.0.content."""
     parts: list[str] = []
     for i, part in enumerate(loc):
         if isinstance(part, str) and i > 0 and isinstance(loc[i - 1], int) and part in _ROLE_TAGS:
@@ -108,8 +113,20 @@ async def sse(opened: OpenedChat, writer: ChunkWriter) -> AsyncIterator[bytes]:
         return
     except Exception:
         log.exception("stream failed after it started")
-        yield b"data: " + orjson.dumps({"error": {"message": "Internal error during streaming.",
-                                                   "type": "server_error", "param": None, "code": None}}) + b"\n\n"
+        yield (
+            b"data: "
+            + orjson.dumps(
+                {
+                    "error": {
+                        "message": "Internal error during streaming.",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+            )
+            + b"\n\n"
+        )
         return
     final = writer.usage(usage)
     if final is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,9 @@ class ChatService:
         headers: dict[str, str] = {}
         if self._limiter is not None:
             estimate = estimate_tokens(request, self._default_completion)
-            lease = await self._limiter.acquire(str(principal.tenant_id), self._tiers[principal.tier], estimate)
+            lease = await self._limiter.acquire(
+                str(principal.tenant_id), self._tiers[principal.tier], estimate
+            )
             headers = lease.state.headers()
         call = ChatCall(request_id, principal.tenant_id, request, conversation_id)
         events = self._pipeline.stream(call)
@@ -65,7 +67,9 @@ class ChatService:
         return OpenedChat(_rest(first, events, lease), headers, request.model, conversation_id)
 
 
-async def _rest(first: ChatEvent, events: AsyncIterator[ChatEvent], lease: Lease | None) -> AsyncIterator[ChatEvent]:
+async def _rest(
+    first: ChatEvent, events: AsyncGenerator[ChatEvent, None], lease: Lease | None
+) -> AsyncIterator[ChatEvent]:
     used = 0
     try:
         event: ChatEvent | None = first
@@ -75,7 +79,7 @@ async def _rest(first: ChatEvent, events: AsyncIterator[ChatEvent], lease: Lease
             yield event
             event = await anext(events, None)
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
         if lease is not None:
             await lease.settle(used)
             await lease.release()
