@@ -24,13 +24,19 @@ class Components:
     tenants: TenantService
 
 
-def components(request: Request) -> Components:
+def _components(request: Request) -> Components:
     found: Components = request.app.state.keel
     return found
 
 
+# Dependencies are `async def` even when they never await: FastAPI runs a plain `def` dependency in a
+# worker thread, which costs a thread hand-off per request.
+async def components(request: Request) -> Components:
+    return _components(request)
+
+
 async def principal(request: Request) -> Principal:
-    who = await components(request).authenticator.authenticate(
+    who = await _components(request).authenticator.authenticate(
         request.headers.get("authorization"), request.headers.get("x-api-key")
     )
     tenant_var.set(who.tenant)
@@ -47,8 +53,8 @@ AdminDep = Annotated[Principal, Depends(admin_principal)]
 ComponentsDep = Annotated[Components, Depends(components)]
 
 
-def chat_service(request: Request) -> ChatService:
-    return components(request).chat
+async def chat_service(request: Request) -> ChatService:
+    return _components(request).chat
 
 
 ChatServiceDep = Annotated[ChatService, Depends(chat_service)]
