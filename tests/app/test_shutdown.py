@@ -106,7 +106,9 @@ def test_sigterm_drains_in_flight_requests_and_writes(
 
         def ask(conversation: str) -> None:
             completion = client.chat.completions.create(
-                model="fake", messages=[{"role": "user", "content": "hi"}], extra_body={"conversation_id": conversation}
+                model="fake",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"conversation_id": conversation},
             )
             answers.append(completion.choices[0].message.content)
 

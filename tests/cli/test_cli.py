@@ -23,7 +23,11 @@ def keel_cli(database_url: str, tmp_path: Path) -> Callable[..., subprocess.Comp
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            [sys.executable, "-m", "keel", *args], env=env, capture_output=True, text=True, timeout=120,
+            [sys.executable, "-m", "keel", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
             check=False,
         )
         if check:

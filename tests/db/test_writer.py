@@ -1,0 +1,94 @@
+"""The background write queue: batches, waits out a locked or unreachable table, drains on close."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from keel.db import WriteQueue
+from keel.db.engine import create_engine
+from keel.db.tables import conversation_messages, conversations, tenants
+from keel.testing.server import KeelServer
+
+
+async def _setup(database_url: str) -> tuple[AsyncEngine, uuid.UUID, str]:
+    engine = create_engine(database_url, pool_size=2)
+    async with engine.begin() as conn:
+        tenant_id = (
+            await conn.execute(
+                tenants.insert().values(name=f"w-{uuid.uuid4().hex[:8]}", tier="free").returning(tenants.c.id)
+            )
+        ).scalar_one()
+        conversation = f"w-{uuid.uuid4().hex[:8]}"
+        await conn.execute(conversations.insert().values(tenant_id=tenant_id, id=conversation))
+    return engine, tenant_id, conversation
+
+
+def _row(tenant_id: uuid.UUID, conversation: str, i: int) -> dict[str, object]:
+    message = {"role": "assistant", "content": f"reply {i}"}
+    return {
+        "tenant_id": tenant_id,
+        "conversation_id": conversation,
+        "role": "assistant",
+        "message": message,
+        "request_id": f"req-{i}",
+    }
+
+
+async def _count(engine: AsyncEngine, conversation: str) -> int:
+    async with engine.connect() as conn:
+        query = select(func.count()).where(conversation_messages.c.conversation_id == conversation)
+        return int((await conn.execute(query)).scalar_one())
+
+
+@pytest.mark.asyncio
+async def test_close_drains_everything_queued(database_url: str, keel: KeelServer) -> None:
+    engine, tenant_id, conversation = await _setup(database_url)
+    queue = WriteQueue(engine, max_size=10_000, batch_size=100)
+    queue.start()
+    for i in range(3_000):
+        assert queue.put(conversation_messages, _row(tenant_id, conversation, i))
+    await queue.close(timeout=30)
+    assert await _count(engine, conversation) == 3_000
+    assert not queue.put(conversation_messages, _row(tenant_id, conversation, -1))  # closed: refuses
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_full_queue_refuses_instead_of_dropping(database_url: str, keel: KeelServer) -> None:
+    engine, tenant_id, conversation = await _setup(database_url)
+    queue = WriteQueue(engine, max_size=5, batch_size=5)
+    accepted = [queue.put(conversation_messages, _row(tenant_id, conversation, i)) for i in range(8)]
+    assert accepted == [True] * 5 + [False] * 3
+    queue.start()
+    await queue.close(timeout=10)
+    assert await _count(engine, conversation) == 5
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_rows_wait_while_the_table_is_locked_and_land_after(
+    database_url: str, keel: KeelServer
+) -> None:
+    engine, tenant_id, conversation = await _setup(database_url)
+    queue = WriteQueue(engine, batch_size=50)
+    queue.start()
+    blocker = await asyncpg.connect(database_url)
+    transaction = blocker.transaction()
+    await transaction.start()
+    await blocker.execute("LOCK TABLE conversation_messages IN ACCESS EXCLUSIVE MODE")
+    for i in range(200):
+        queue.put(conversation_messages, _row(tenant_id, conversation, i))
+    await asyncio.sleep(0.5)
+    assert len(queue) > 0  # waiting, not lost
+    await transaction.rollback()
+    await blocker.close()
+    await asyncio.wait_for(queue.flush(), 10)
+    assert await _count(engine, conversation) == 200
+    await queue.close()
+    await engine.dispose()
