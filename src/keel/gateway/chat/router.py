@@ -11,6 +11,7 @@ import orjson
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from keel.errors import InvalidRequestError, KeelError
 from keel.gateway.chat.protocol import ChatCompletionRequest, ChunkWriter, completion_json
@@ -39,19 +40,32 @@ async def create_chat_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(completion_id, created, opened.model, include_usage)
-        return StreamingResponse(
-            sse(opened, writer),
-            media_type="text/event-stream",
-            headers=headers | {"cache-control": "no-cache"},
-        )
+        return EventStream(opened, writer, headers | {"cache-control": "no-cache"})
     result = ChatResult()
-    async for event in opened.events:
-        result.add(event)
+    try:
+        async for event in opened.events():
+            result.add(event)
+    finally:
+        await opened.aclose()
     return Response(
         orjson.dumps(completion_json(completion_id, created, opened.model, result)),
         media_type="application/json",
         headers=headers,
     )
+
+
+class EventStream(StreamingResponse):
+    """SSE that always closes its chat, even when the client left before the first byte was sent."""
+
+    def __init__(self, opened: OpenedChat, writer: ChunkWriter, headers: dict[str, str]) -> None:
+        super().__init__(sse(opened, writer), media_type="text/event-stream", headers=headers)
+        self._opened = opened
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._opened.aclose()
 
 
 def parse_body(raw: bytes) -> ChatCompletionRequest:
@@ -90,7 +104,7 @@ def _param(loc: tuple[int | str, ...]) -> str:
 async def sse(opened: OpenedChat, writer: ChunkWriter) -> AsyncIterator[bytes]:
     usage: Usage | None = None
     try:
-        async for event in opened.events:
+        async for event in opened.events():
             if isinstance(event, TextDelta):
                 chunk = writer.delta({"content": event.text})
             elif isinstance(event, ToolCallDelta):

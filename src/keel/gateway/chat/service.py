@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from keel.errors import InvalidRequestError
@@ -19,12 +18,51 @@ _SANE_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 CHARS_PER_TOKEN = 4  # a cheap pre-call estimate; the real usage corrects the TPM bucket afterwards
 
 
-@dataclass(slots=True)
 class OpenedChat:
-    events: AsyncIterator[ChatEvent]  # the first event included
-    headers: dict[str, str]
-    model: str
-    conversation_id: str | None
+    """A started chat: its events (the first included) and the clean-up that must run exactly once.
+
+    `aclose()` closes the pipeline and settles and releases the rate-limit lease. It runs when the events
+    are exhausted, and the router calls it again when the response ends, so a client that leaves before
+    the body is iterated at all still frees its concurrency slot.
+    """
+
+    def __init__(
+        self,
+        first: ChatEvent,
+        rest: AsyncGenerator[ChatEvent, None],
+        lease: Lease | None,
+        headers: dict[str, str],
+        model: str,
+        conversation_id: str | None,
+    ) -> None:
+        self._first = first
+        self._rest = rest
+        self._lease = lease
+        self._used = 0
+        self._closed = False
+        self.headers = headers
+        self.model = model
+        self.conversation_id = conversation_id
+
+    async def events(self) -> AsyncIterator[ChatEvent]:
+        try:
+            event: ChatEvent | None = self._first
+            while event is not None:
+                if isinstance(event, Usage):
+                    self._used = event.input_tokens + event.output_tokens
+                yield event
+                event = await anext(self._rest, None)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._rest.aclose()
+        if self._lease is not None:
+            await self._lease.settle(self._used)
+            await self._lease.release()
 
 
 class ChatService:
@@ -64,25 +102,7 @@ class ChatService:
                 await lease.settle(0)
                 await lease.release()
             raise
-        return OpenedChat(_rest(first, events, lease), headers, request.model, conversation_id)
-
-
-async def _rest(
-    first: ChatEvent, events: AsyncGenerator[ChatEvent, None], lease: Lease | None
-) -> AsyncIterator[ChatEvent]:
-    used = 0
-    try:
-        event: ChatEvent | None = first
-        while event is not None:
-            if isinstance(event, Usage):
-                used = event.input_tokens + event.output_tokens
-            yield event
-            event = await anext(events, None)
-    finally:
-        await events.aclose()
-        if lease is not None:
-            await lease.settle(used)
-            await lease.release()
+        return OpenedChat(first, events, lease, headers, request.model, conversation_id)
 
 
 def to_chat_request(body: ChatCompletionRequest, default_model: str) -> ChatRequest:
