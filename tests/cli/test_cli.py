@@ -106,3 +106,41 @@ def test_admin_api_creates_keys_in_its_own_tenant(keel: KeelServer, tenant: Any)
     new_key = response.json()["key"]
     models = httpx.get(f"{keel.base_url}/models", headers={"Authorization": f"Bearer {new_key}"})
     assert models.status_code == 200
+
+
+def test_chat_streams_answers_and_keeps_the_conversation(
+    keel_cli: Callable[..., subprocess.CompletedProcess[str]], keel: KeelServer, tenant: Any, fake: Any
+) -> None:
+    from keel.testing import Reply
+
+    fake.enqueue(Reply(text="Hello Ada!", chunks=["Hello", " Ada!"]), Reply(text="You are Ada."))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keel",
+            "chat",
+            "--base-url",
+            keel.base_url,
+            "--api-key",
+            tenant.chat_key,
+            "--model",
+            "fake",
+            "--conversation",
+            "cli-test-1",
+        ],
+        input="I am Ada.\nWho am I?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Hello Ada!" in done.stdout
+    assert "You are Ada." in done.stdout
+    # The second turn went upstream with the first one as history: the conversation lives on the server.
+    assert [m["content"] for m in fake.requests[-1].body["messages"]] == [
+        "I am Ada.",
+        "Hello Ada!",
+        "Who am I?",
+    ]

@@ -184,3 +184,22 @@ def test_default_model_is_used_when_none_is_named(keel: KeelServer, tenant: Any)
     )
     assert response.status_code == 200
     assert response.json()["model"] == "fake"
+
+
+def test_cors_preflight_for_configured_origins(start_keel: Any) -> None:
+    server = start_keel(cors_origins=["https://app.example"])
+    preflight = httpx.options(
+        f"{server.base_url}/chat/completions",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    other = httpx.options(
+        f"{server.base_url}/chat/completions",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in other.headers
