@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 from starlette.middleware.cors import CORSMiddleware
 
 from keel import __version__
@@ -19,30 +21,43 @@ from keel.context import ConversationStore
 from keel.db import Database, WriteQueue
 from keel.gateway import Components, GatewayMiddleware
 from keel.gateway import errors as error_handlers
+from keel.gateway.audit_routes import router as audit_router
 from keel.gateway.auth import Authenticator
 from keel.gateway.chat.router import router as chat_router
 from keel.gateway.chat.service import ChatService
+from keel.gateway.routes import metrics as metrics_route
 from keel.gateway.routes import router as small_routes
 from keel.llm import ModelRegistry
-from keel.pipeline import ChatPipeline
+from keel.pipeline import ChatPipeline, ConversationRecorder
 from keel.ratelimit import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
 from keel.settings import Settings
+from keel.telemetry.audit import AuditRecorder
+from keel.telemetry.audit_store import AuditStore
+from keel.telemetry.metrics import Metrics
+from keel.telemetry.readiness import Readiness
+from keel.telemetry.redact import Redactor
+from keel.telemetry.replay import Replayer
+from keel.telemetry.tracing import Tracing
 from keel.tenants import TenantService
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
+    telemetry = Telemetry(settings)
     app = FastAPI(
         title="Keel",
         version=__version__,
-        lifespan=lambda app: _lifespan(app, settings),
+        lifespan=lambda app: _lifespan(app, settings, telemetry),
         docs_url=None,
         redoc_url=None,
     )
     error_handlers.install(app)
     app.include_router(chat_router)
     app.include_router(small_routes)
+    app.include_router(audit_router)
+    if settings.metrics_enabled and settings.metrics_port is None:
+        app.add_api_route("/metrics", metrics_route, methods=["GET"], include_in_schema=False)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -51,58 +66,123 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["x-request-id", "x-keel-conversation-id", "retry-after"],
         )
-    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GatewayMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        tracer=telemetry.tracing.tracer,
+        metrics=telemetry.metrics,
+    )
     return app
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
-    async with AsyncExitStack() as stack:
-        database = Database(settings)
-        stack.push_async_callback(database.close)
-        engine = await database.open()
+class Telemetry:
+    """Metrics and tracing exist before the lifespan: the middleware is built with them."""
 
-        tenants = TenantService(engine)
+    def __init__(self, settings: Settings) -> None:
+        self.metrics = Metrics()
+        self.tracing = Tracing(settings)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, settings: Settings, telemetry: Telemetry) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        components = await build_components(settings, stack, telemetry, serving=True)
+        app.state.keel = components
+        if settings.metrics_enabled and settings.metrics_port is not None:
+            server, _thread = start_http_server(
+                settings.metrics_port, addr=settings.host, registry=telemetry.metrics.registry
+            )
+            stack.callback(server.shutdown)
+        log.info("keel ready", extra={"models": sorted(settings.models)})
+        yield
+        log.info("keel shutting down")
+
+
+async def build_components(
+    settings: Settings, stack: AsyncExitStack, telemetry: Telemetry, *, serving: bool = False
+) -> Components:
+    """Everything a request needs, built once; what is opened here is closed by `stack`, last first.
+
+    `keel serve` and the CLI commands that run model calls (`keel replay`) share this.
+    """
+    stack.callback(telemetry.tracing.shutdown)
+    database = Database(settings)
+    stack.push_async_callback(database.close)
+    engine = await database.open()
+
+    tenants = TenantService(engine)
+    if serving:
         admin_key = await tenants.bootstrap()
         if admin_key is not None:
             announce_admin_key(settings, admin_key)
 
-        writes = WriteQueue(engine, max_size=settings.write_queue_size, batch_size=settings.write_batch_size)
-        writes.start()
-        stack.push_async_callback(writes.close, settings.shutdown_drain_seconds)
+    writes = WriteQueue(engine, max_size=settings.write_queue_size, batch_size=settings.write_batch_size)
+    writes.start()
+    stack.push_async_callback(writes.close, settings.shutdown_drain_seconds)
+    telemetry.metrics.queue_depth.set_function(lambda: len(writes))
 
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
-        )
-        stack.push_async_callback(session.close)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+        json_serialize=lambda obj: orjson.dumps(obj).decode(),
+    )
+    stack.push_async_callback(session.close)
 
-        models = ModelRegistry(settings, session)
-        stack.push_async_callback(models.aclose)
-        await models.start()
+    models = ModelRegistry(settings, session)
+    stack.push_async_callback(models.aclose)
+    await models.start()
 
-        limiter = await _rate_limiter(settings, stack)
-        authenticator = Authenticator(
-            tenants, ttl=settings.auth_cache_ttl_seconds, flush_every=settings.key_usage_flush_seconds
-        )
-        authenticator.start()
-        stack.push_async_callback(authenticator.aclose)
+    limiter = await _rate_limiter(settings, stack)
+    tracer = telemetry.tracing.tracer
+    authenticator = Authenticator(
+        tenants,
+        ttl=settings.auth_cache_ttl_seconds,
+        flush_every=settings.key_usage_flush_seconds,
+        tracer=tracer,
+    )
+    authenticator.start()
+    stack.push_async_callback(authenticator.aclose)
 
-        conversations = ConversationStore(engine, writes)
-        stack.push_async_callback(conversations.drain)  # runs before writes.close (LIFO)
-        pipeline = ChatPipeline(models, conversations)
-        app.state.keel = Components(
-            authenticator=authenticator,
-            chat=ChatService(pipeline, limiter, settings),
-            models=models,
-            conversations=conversations,
-            tenants=tenants,
-        )
-        app.state.database = database
-        app.state.writes = writes
-        log.info("keel ready", extra={"models": sorted(settings.models), "embedded_db": database.embedded})
-        yield
-        log.info("keel shutting down: draining %d queued writes", len(writes))
+    conversations = ConversationStore(engine, writes)
+    stack.push_async_callback(conversations.drain)  # runs before writes.close (LIFO)
+    audit = AuditRecorder(
+        writes, telemetry.metrics, Redactor(settings.redact_patterns), enabled=settings.audit_enabled
+    )
+    pipeline = ChatPipeline(
+        models,
+        conversations,
+        recorders=[ConversationRecorder(conversations), audit],
+        tracer=tracer,
+        trace_content=settings.trace_content,
+        observer=telemetry.metrics,
+    )
+    store = AuditStore(engine)
+    if serving:
+        pruner = asyncio.create_task(_prune_forever(store, settings.audit_retention_days))
+        stack.callback(pruner.cancel)
+    return Components(
+        authenticator=authenticator,
+        chat=ChatService(pipeline, limiter, settings, tracer=tracer, metrics=telemetry.metrics),
+        models=models,
+        conversations=conversations,
+        tenants=tenants,
+        audit=store,
+        replayer=Replayer(store, pipeline),
+        readiness=Readiness(settings, engine, writes, models, session),
+        metrics=telemetry.metrics,
+        writes=writes,
+    )
+
+
+async def _prune_forever(store: AuditStore, days: int) -> None:
+    """Retention: hourly, delete audit records older than `audit_retention_days`."""
+    while True:
+        try:
+            removed = await store.prune(days)
+            if removed:
+                log.info("audit retention: removed %d records older than %d days", removed, days)
+        except Exception:  # the database may be away for a while; try again next hour
+            log.warning("audit retention prune failed", exc_info=True)
+        await asyncio.sleep(3600)
 
 
 async def _rate_limiter(settings: Settings, stack: AsyncExitStack) -> RateLimiter | None:

@@ -12,19 +12,53 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    NoOpTracer,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    get_current_span,
+    set_span_in_context,
+)
+
 from keel.context import ConversationStore
-from keel.llm import ChatEvent, ChatRequest, ChatResult, ModelRegistry
+from keel.llm import Attempt, ChatEvent, ChatRequest, ChatResult, LLMObserver, ModelRegistry, NoObserver
+from keel.telemetry.tracing import record_span, stage, trace_id_hex
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _whole_call_attempt(outcome: CallOutcome, provider: str) -> Attempt:
+    """When no wrapper reported attempts, the model call itself was the one attempt."""
+    first = outcome.first_event - outcome.model_started if outcome.first_event is not None else None
+    return Attempt(
+        model=outcome.sent.model,
+        deployment=outcome.sent.model,
+        provider=provider,
+        upstream_model=outcome.sent.model,
+        started=outcome.model_started,
+        latency=outcome.finished - outcome.model_started,
+        first_token=first,
+        error_type=type(outcome.error).__name__ if outcome.error is not None else None,
+    )
 
 
 @dataclass(slots=True)
@@ -36,6 +70,9 @@ class ChatCall:
     request: ChatRequest
     conversation_id: str | None = None
     prompt: dict[str, Any] | None = None  # the `prompt` extension field, for the prompt registry
+    received: float = 0.0  # time.perf_counter() when the gateway got the request
+    audit_content: bool = True  # False: the tenant wants metadata only in audit records
+    replay_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +91,13 @@ class CallOutcome:
     sent: ChatRequest
     result: ChatResult
     error: BaseException | None = None
-    started: float = 0.0
+    started: float = 0.0  # time.perf_counter() when the pipeline began
+    model_started: float = 0.0
+    first_event: float | None = None
     finished: float = 0.0
     retrieved: list[RetrievedChunk] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+    trace_id: str = ""
 
 
 class PromptResolver(Protocol):
@@ -129,6 +170,9 @@ class ChatPipeline:
         retriever: Retriever | None = None,
         assembler: ContextAssembler | None = None,
         recorders: list[Recorder] | None = None,
+        tracer: Tracer | None = None,
+        trace_content: bool = False,
+        observer: LLMObserver | None = None,
     ) -> None:
         self._models = models
         self._conversations = conversations
@@ -136,18 +180,30 @@ class ChatPipeline:
         self._retriever = retriever or NoRetrieval()
         self._assembler = assembler or ContextAssembler()
         self._recorders = recorders if recorders is not None else [ConversationRecorder(conversations)]
+        self._tracer = tracer or NoOpTracer()
+        self._trace_content = trace_content
+        self._observer = observer or NoObserver()
 
     async def stream(self, call: ChatCall) -> AsyncGenerator[ChatEvent, None]:
         """Yield the model's events. Errors before the first event surface as they are (for HTTP status)."""
         started = time.perf_counter()
+        parent = otel_context.get_current()  # the gateway's request span; stage spans hang under it
+        stages: dict[str, float] = {}
         model = self._models.get(call.request.model)  # unknown alias: NotFoundError before any work
-        prompt = await self._prompts.resolve(call)
-        history, retrieved = await self._load_and_retrieve(call)
-        messages = self._assembler.assemble(prompt, history, retrieved, call.request.messages)
+        with self._stage("prompt.resolve", parent, stages):
+            prompt = await self._prompts.resolve(call)
+        history, retrieved = await self._load_and_retrieve(call, parent, stages)
+        with self._stage("context.assemble", parent, stages):
+            messages = self._assembler.assemble(prompt, history, retrieved, call.request.messages)
         sent = replace(call.request, messages=messages)
-        outcome = CallOutcome(call, sent, ChatResult(), started=started, retrieved=retrieved)
+        outcome = CallOutcome(call, sent, ChatResult(), started=started, retrieved=retrieved, stages=stages)
+        outcome.trace_id = trace_id_hex(get_current_span(parent))
+        model_span = self._tracer.start_span("model.call", context=parent)
+        outcome.model_started = time.perf_counter()
         try:
             async for event in model.stream(sent):
+                if outcome.first_event is None:
+                    outcome.first_event = time.perf_counter()
                 outcome.result.add(event)
                 yield event
         except BaseException as exc:  # recorded as failed, then re-raised untouched
@@ -155,16 +211,84 @@ class ChatPipeline:
             raise
         finally:
             outcome.finished = time.perf_counter()
-            self._record(outcome)
+            stages["model.call"] = _ms(outcome.finished - outcome.model_started)
+            if not sent.trace.attempts:  # no resilience wrapper reported: the call itself was the attempt
+                attempt = _whole_call_attempt(outcome, model.provider)
+                sent.trace.attempts.append(attempt)
+                self._observer.attempt_finished(attempt)
+                if outcome.error is None:
+                    sent.trace.answered_by = sent.model
+            self._attempt_spans(outcome, set_span_in_context(model_span, parent))
+            if outcome.error is not None:
+                model_span.set_status(Status(StatusCode.ERROR, type(outcome.error).__name__))
+            model_span.end()
+            with self._stage("record", parent, stages):
+                self._record(outcome)
 
-    async def _load_and_retrieve(self, call: ChatCall) -> tuple[list[Message], list[RetrievedChunk]]:
-        if call.conversation_id is None:
-            return [], await self._retriever.retrieve(call)
-        new = [m for m in call.request.messages if m["role"] not in ("system", "developer")]
-        return await asyncio.gather(
-            self._conversations.begin_turn(call.tenant_id, call.conversation_id, new, call.request_id),
-            self._retriever.retrieve(call),
-        )
+    @contextmanager
+    def _stage(self, name: str, parent: Context, stages: dict[str, float]) -> Iterator[None]:
+        began = time.perf_counter()
+        with stage(self._tracer, name, parent):
+            yield
+        stages[name] = _ms(time.perf_counter() - began)
+
+    def _attempt_spans(self, outcome: CallOutcome, parent: Context) -> None:
+        """GenAI client spans, one per upstream attempt, with their real start and end."""
+        sent, result = outcome.sent, outcome.result
+        for attempt in sent.trace.attempts:
+            ok = attempt.error_type is None
+            attributes: dict[str, Any] = {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": attempt.provider,
+                "gen_ai.request.model": attempt.upstream_model,
+                "gen_ai.request.max_tokens": sent.max_tokens,
+                "gen_ai.request.temperature": sent.temperature,
+                "gen_ai.conversation.id": outcome.call.conversation_id,
+                "keel.model.alias": attempt.model,
+                "keel.deployment": attempt.deployment,
+                "error.type": attempt.error_type,
+            }
+            if ok:
+                attributes["gen_ai.response.model"] = attempt.upstream_model
+                attributes["gen_ai.response.finish_reasons"] = [result.finish_reason]
+                if result.usage is not None:
+                    attributes["gen_ai.usage.input_tokens"] = result.usage.input_tokens
+                    attributes["gen_ai.usage.output_tokens"] = result.usage.output_tokens
+                if self._trace_content:
+                    attributes["gen_ai.input.messages"] = json.dumps(sent.messages)
+                    attributes["gen_ai.output.messages"] = json.dumps(
+                        [{"role": "assistant", "content": result.text, "tool_calls": result.tool_calls}]
+                    )
+            record_span(
+                self._tracer,
+                f"chat {attempt.upstream_model}",
+                parent,
+                attempt.started,
+                attempt.started + attempt.latency,
+                attributes,
+                kind=SpanKind.CLIENT,
+                error=attempt.error_type,
+            )
+
+    async def _load_and_retrieve(
+        self, call: ChatCall, parent: Context, stages: dict[str, float]
+    ) -> tuple[list[Message], list[RetrievedChunk]]:
+        async def load() -> list[Message]:
+            if call.conversation_id is None:
+                return []
+            new = [m for m in call.request.messages if m["role"] not in ("system", "developer")]
+            with self._stage("context.load", parent, stages):
+                return await self._conversations.begin_turn(
+                    call.tenant_id, call.conversation_id, new, call.request_id
+                )
+
+        async def retrieve() -> list[RetrievedChunk]:
+            with self._stage("retrieval", parent, stages):
+                return await self._retriever.retrieve(call)
+
+        if call.conversation_id is None:  # nothing to overlap: skip gather's task overhead
+            return [], await retrieve()
+        return await asyncio.gather(load(), retrieve())
 
     def _record(self, outcome: CallOutcome) -> None:
         for recorder in self._recorders:

@@ -28,6 +28,16 @@ DEFAULT_BASE_URLS: dict[str, str] = {
 }
 
 
+# Redacted from audit records before storage: API keys and bearer tokens, e-mail addresses, card numbers.
+DEFAULT_REDACTIONS: tuple[str, ...] = (
+    r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{16,}",
+    r"\bAKIA[0-9A-Z]{16}\b",
+    r"(?i)\bbearer\s+[A-Za-z0-9._\-]{16,}",
+    r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b",
+    r"\b(?:\d[ \-]?){12,18}\d\b",
+)
+
+
 class TierLimits(BaseModel):
     requests_per_minute: int = Field(gt=0)
     tokens_per_minute: int = Field(gt=0)
@@ -44,6 +54,40 @@ def _default_tiers() -> dict[str, TierLimits]:
     }
 
 
+class RetryConfig(BaseModel):
+    """Retries of one alias, spread over its deployments (see docs/resilience.md)."""
+
+    attempts: int = Field(default=3, ge=1)  # tries of retryable failures, the first included
+    backoff_initial: float = Field(default=0.5, ge=0)  # seconds; full jitter: uniform(0, initial * 2**n)
+    backoff_max: float = Field(default=8.0, ge=0)
+    max_wait: float = Field(default=30.0, ge=0)  # a longer Retry-After is not waited for: fall back
+    wait: bool = True  # False: retry at once (tests); Retry-After and deadline checks still decide
+
+
+class BreakerConfig(BaseModel):
+    """The circuit breaker of each deployment of an alias."""
+
+    enabled: bool = True
+    window: float = Field(default=30.0, gt=0)  # seconds of calls the failure ratio looks at
+    min_calls: int = Field(default=10, ge=1)  # no ratio decision on fewer calls than this
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    consecutive_failures: int = Field(default=5, ge=1)  # opens on this many in a row, whatever the ratio
+    cooldown: float = Field(default=30.0, gt=0)  # seconds open before one probe call is let through
+
+
+class DeploymentConfig(BaseModel):
+    """One endpoint (or key) serving an alias; unset fields come from the alias."""
+
+    name: str | None = None  # default "ALIAS/N"; breaker state is keyed by it
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    model: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(default=1.0, gt=0)
+    max_concurrent: int | None = Field(default=None, gt=0)
+
+
 class ModelConfig(BaseModel):
     """One model alias, as written under `[models.NAME]` in keel.toml."""
 
@@ -55,9 +99,15 @@ class ModelConfig(BaseModel):
     context_window: int | None = Field(default=None, gt=0)
     max_output_tokens: int | None = Field(default=None, gt=0)  # default when the request sets none
     fallbacks: list[str] = Field(default_factory=list)
-    timeout: float = Field(default=600.0, gt=0)  # total seconds for one upstream call
-    connect_timeout: float = Field(default=10.0, gt=0)
+    timeout: float = Field(default=600.0, gt=0)  # the request's deadline: retries and fallbacks included
+    connect_timeout: float = Field(default=10.0, gt=0)  # per attempt
     headers: dict[str, str] = Field(default_factory=dict)
+    first_token_timeout: float = Field(default=60.0, gt=0)  # per attempt: request sent → first event
+    stream_idle_timeout: float = Field(default=30.0, gt=0)  # per attempt: longest silence between events
+    max_concurrent: int | None = Field(default=None, gt=0)  # per deployment, when it sets none
+    deployments: list[DeploymentConfig] = Field(default_factory=list)  # none: the alias's own endpoint
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
     def upstream_base_url(self) -> str:
         return (self.base_url or DEFAULT_BASE_URLS.get(self.provider, "")).rstrip("/")
@@ -68,6 +118,22 @@ class ModelConfig(BaseModel):
         if self.api_key_env:
             return os.environ.get(self.api_key_env)
         return None
+
+    def deployment_configs(self, alias: str) -> list[tuple[str, DeploymentConfig, ModelConfig]]:
+        """(name, deployment, the alias's config with the deployment's fields laid over it), in order."""
+        if not self.deployments:
+            return [(alias, DeploymentConfig(), self)]
+        resolved = []
+        for number, deployment in enumerate(self.deployments, 1):
+            update: dict[str, Any] = {"headers": self.headers | deployment.headers, "deployments": []}
+            for key in ("base_url", "model"):
+                if getattr(deployment, key) is not None:
+                    update[key] = getattr(deployment, key)
+            if deployment.api_key is not None or deployment.api_key_env is not None:
+                update["api_key"], update["api_key_env"] = deployment.api_key, deployment.api_key_env
+            name = deployment.name or f"{alias}/{number}"
+            resolved.append((name, deployment, self.model_copy(update=update)))
+        return resolved
 
 
 class LocalModelSettings(BaseModel):
@@ -108,9 +174,22 @@ class Settings(BaseSettings):
     default_model: str = "local"
     local: LocalModelSettings = Field(default_factory=LocalModelSettings)
 
+    # Observability: traces, metrics, the audit record of every model call.
+    otlp_endpoint: str | None = None  # e.g. http://collector:4318; spans go to {endpoint}/v1/traces
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    trace_content: bool = False  # message content on spans (the audit record always has it, redacted)
+    metrics_enabled: bool = True
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: /metrics on the main port
+    audit_enabled: bool = True
+    audit_retention_days: int = Field(default=30, gt=0)
+    redact_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACTIONS))
+    readiness_cache_seconds: float = Field(default=30.0, gt=0)
+    readiness_completion_probe: bool = False  # a real (paid) completion per provider check
+
     write_queue_size: int = Field(default=10_000, gt=0)
     write_batch_size: int = Field(default=200, gt=0)
     shutdown_drain_seconds: float = Field(default=30.0, gt=0)
+    breaker_sync_seconds: float = Field(default=1.0, gt=0)  # with Redis: how often breaker states are read
 
     @field_validator("tiers")
     @classmethod
@@ -138,7 +217,20 @@ class Settings(BaseSettings):
                     raise ValueError(f"model {alias!r} lists itself as a fallback")
             if config.provider != "local" and not config.upstream_base_url():
                 raise ValueError(f"model {alias!r} needs a base_url")
+        self._check_deployments()
         return self
+
+    def _check_deployments(self) -> None:
+        seen: dict[str, str] = {}
+        for alias, config in self.models.items():
+            if config.deployments and config.provider == "local":
+                raise ValueError(f"model {alias!r}: the local provider takes no deployments")
+            for name, _, resolved in config.deployment_configs(alias):
+                if name in seen and (seen[name] != alias or config.deployments):
+                    raise ValueError(f"deployment name {name!r} is used twice ({seen[name]!r}, {alias!r})")
+                seen[name] = alias
+                if config.provider != "local" and not resolved.upstream_base_url():
+                    raise ValueError(f"deployment {name!r} of model {alias!r} needs a base_url")
 
     @classmethod
     def settings_customise_sources(

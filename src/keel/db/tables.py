@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     Table,
     Text,
     func,
     text,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
@@ -28,6 +32,7 @@ tenants = Table(
     Column("name", Text, nullable=False, unique=True),
     Column("tier", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("audit_content", Boolean, nullable=False, server_default=true()),  # False: metadata only
     CheckConstraint("tier IN ('free', 'pro', 'enterprise')", name="tenants_tier_check"),
 )
 
@@ -73,4 +78,51 @@ conversation_messages = Table(
         ondelete="CASCADE",
     ),
     Index("conversation_messages_conv_idx", "tenant_id", "conversation_id", "id"),
+)
+
+audit_requests = Table(
+    "audit_requests",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("request_id", Text, nullable=False),
+    Column("trace_id", Text, nullable=False, server_default=""),
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    Column("end_user", Text),
+    Column("conversation_id", Text),
+    Column("prompt", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("model_requested", Text, nullable=False),
+    Column("model_answered", Text),
+    Column("deployment", Text),
+    Column("upstream_model", Text),
+    Column("status", Text, nullable=False),  # "ok" | "error"
+    Column("error", Text),
+    Column("attempts", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("request", JSONB, nullable=False),  # exactly what went upstream: messages and parameters
+    Column("retrieved", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("reply", JSONB),  # {"text", "tool_calls"}
+    Column("finish_reason", Text),
+    Column("input_tokens", Integer, nullable=False, server_default="0"),
+    Column("output_tokens", Integer, nullable=False, server_default="0"),
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float),
+    Column("stages", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("replay_of", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("audit_requests_tenant_request_idx", "tenant_id", "request_id"),
+    Index("audit_requests_tenant_time_idx", "tenant_id", "created_at", "id"),
+    Index("audit_requests_time_idx", "created_at"),
+)
+
+usage_ledger = Table(
+    "usage_ledger",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    Column("end_user", Text),
+    Column("model", Text, nullable=False),
+    Column("input_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+    Column("request_id", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("usage_ledger_tenant_time_idx", "tenant_id", "created_at"),
 )

@@ -14,6 +14,8 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from opentelemetry.trace import NoOpTracer, Tracer
+
 from keel.errors import AuthenticationError, PermissionDeniedError
 from keel.tenants import Principal, TenantService
 
@@ -23,8 +25,11 @@ MAX_CACHED_KEYS = 100_000
 
 
 class Authenticator:
-    def __init__(self, tenants: TenantService, *, ttl: float, flush_every: float) -> None:
+    def __init__(
+        self, tenants: TenantService, *, ttl: float, flush_every: float, tracer: Tracer | None = None
+    ) -> None:
         self._tenants = tenants
+        self._tracer = tracer or NoOpTracer()
         self._ttl = ttl
         self._flush_every = flush_every
         self._cache: dict[bytes, tuple[Principal | None, float]] = {}
@@ -42,6 +47,10 @@ class Authenticator:
         await self.flush()
 
     async def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
+        with self._tracer.start_as_current_span("auth"):
+            return await self._authenticate(authorization, api_key)
+
+    async def _authenticate(self, authorization: str | None, api_key: str | None) -> Principal:
         secret = _bearer(authorization) or api_key
         if not secret:
             raise AuthenticationError(

@@ -8,10 +8,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from keel.context import ConversationStore
+from keel.db import WriteQueue
 from keel.gateway.auth import Authenticator, require_scope
 from keel.gateway.chat.service import ChatService
 from keel.llm import ModelRegistry
 from keel.telemetry import tenant_var
+from keel.telemetry.audit_store import AuditStore
+from keel.telemetry.metrics import Metrics
+from keel.telemetry.readiness import Readiness
+from keel.telemetry.replay import Replayer
 from keel.tenants import Principal, TenantService
 
 
@@ -22,6 +27,11 @@ class Components:
     models: ModelRegistry
     conversations: ConversationStore
     tenants: TenantService
+    audit: AuditStore
+    replayer: Replayer
+    readiness: Readiness
+    metrics: Metrics
+    writes: WriteQueue
 
 
 def _components(request: Request) -> Components:

@@ -9,10 +9,14 @@ import time
 import uuid
 
 import orjson
+from opentelemetry import context as otel_context
+from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, Tracer, set_span_in_context
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.errors import PayloadTooLargeError
 from keel.telemetry import request_id_var, tenant_var
+from keel.telemetry.metrics import Metrics
+from keel.telemetry.tracing import extract
 
 access_log = logging.getLogger("keel.access")
 
@@ -20,14 +24,33 @@ REQUEST_ID_HEADER = b"x-request-id"
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
+
+
+def _route(scope: Scope) -> str:
+    """The route template, never the raw path: metric labels must stay bounded."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 def new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.tracer = tracer or NoOpTracer()
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,12 +59,29 @@ class GatewayMiddleware:
         started = time.perf_counter()
         request_id = new_request_id()
         length: int | None = None
+        carrier: dict[str, str] = {}
         for name, value in scope["headers"]:
             if name == REQUEST_ID_HEADER and _SANE_ID.match(value):
                 request_id = value.decode()
             elif name == b"content-length" and value.isdigit():
                 length = int(value)
-        scope.setdefault("state", {})["request_id"] = request_id
+            elif name in _TRACE_HEADERS:
+                carrier[name.decode()] = value.decode("latin-1")
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["received"] = started
+        method: str = scope["method"]
+        span = self.tracer.start_span(
+            f"{method} {scope['path']}",
+            context=extract(carrier) if carrier else None,
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "url.path": scope["path"],
+                "keel.request_id": request_id,
+            },
+        )
+        token = otel_context.attach(set_span_in_context(span))
         request_id_var.set(request_id)
         tenant_var.set(None)
         id_header = (REQUEST_ID_HEADER, request_id.encode())
@@ -60,13 +100,25 @@ class GatewayMiddleware:
                 return
             await self.app(scope, self._limited(receive), send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
+            route = _route(scope)
+            span.update_name(f"{method} {route}")
+            span.set_attribute("http.route", route)
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
             access_log.info(
                 "%s %s %d",
-                scope["method"],
+                method,
                 scope["path"],
                 status,
-                extra={"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 3)},
+                extra={"status": status, "duration_ms": round(elapsed * 1000, 3)},
             )
+            span.end()
+            otel_context.detach(token)
+            if self.metrics is not None:
+                self.metrics.http_requests.labels(route, method, str(status)).inc()
+                self.metrics.http_duration.labels(route).observe(elapsed)
 
     def _limited(self, receive: Receive) -> Receive:
         """Count a chunked body as it arrives; past the limit the route's body read raises a 413."""

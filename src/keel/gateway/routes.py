@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
 from keel.errors import NotFoundError
 from keel.gateway.deps import AdminDep, ComponentsDep, PrincipalDep
@@ -15,7 +18,19 @@ router = APIRouter()
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
+    """Liveness: the process answers. No dependencies checked (that is /readyz)."""
     return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(keel: ComponentsDep) -> Response:
+    ready, checks = await keel.readiness.check()
+    body = {"status": "ready" if ready else "not ready", "checks": checks}
+    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
+
+
+async def metrics(keel: ComponentsDep) -> Response:
+    return Response(generate_latest(keel.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models")

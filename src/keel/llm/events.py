@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel.llm.trace import CallTrace
+
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
 
 
@@ -55,6 +57,7 @@ class ChatRequest:
     user: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    trace: CallTrace = field(default_factory=CallTrace)  # shared by the copies wrappers make
 
 
 @dataclass(slots=True)

@@ -77,6 +77,15 @@ class LocalChatModel:
         return self._local.n_ctx
 
     @property
+    def loaded(self) -> bool:
+        """For readiness: False when the extra or the model file is missing, or loading failed."""
+        return self._pool is not None
+
+    @property
+    def unavailable_reason(self) -> str:
+        return self._unavailable
+
+    @property
     def generating(self) -> int:
         """Requests holding a worker now (for metrics, and the 503 message)."""
         return self._pool.busy if self._pool is not None else 0

@@ -8,6 +8,7 @@ import sys
 import time
 
 import orjson
+from opentelemetry.trace import get_current_span
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("keel_request_id", default=None)
 tenant_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("keel_tenant", default=None)
@@ -34,6 +35,9 @@ class JsonFormatter(logging.Formatter):
         tenant = tenant_var.get()
         if tenant:
             entry["tenant"] = tenant
+        span_context = get_current_span().get_span_context()
+        if span_context.trace_id:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -29,6 +29,7 @@ class Principal:
     key_id: uuid.UUID
     scope: str
     label: str
+    audit_content: bool = True  # False: audit records keep metadata only, no message content
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,18 @@ class TenantService:
         info = KeyInfo(row.id, owner.name, row.prefix, row.scope, row.label, row.created_at, None, None)
         return info, new.secret
 
+    async def set_audit_content(self, name: str, enabled: bool) -> None:
+        """Whether audit records of this tenant keep message content (False: metadata only)."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(tenants)
+                .where(tenants.c.name == name)
+                .values(audit_content=enabled)
+                .returning(tenants.c.id)
+            )
+            if result.one_or_none() is None:
+                raise NotFoundError(f"no tenant named {name!r}", param="tenant")
+
     async def list_keys(self, tenant: str) -> list[KeyInfo]:
         owner = await self.get_tenant(tenant)
         async with self._engine.connect() as conn:
@@ -140,6 +153,7 @@ class TenantService:
                 tenants.c.id.label("tenant_id"),
                 tenants.c.name,
                 tenants.c.tier,
+                tenants.c.audit_content,
             )
             .join(tenants, tenants.c.id == api_keys.c.tenant_id)
             .where(api_keys.c.key_hash == keys.digest(secret))
@@ -149,7 +163,7 @@ class TenantService:
             row = (await conn.execute(query)).one_or_none()
         if row is None:
             return None
-        return Principal(row.tenant_id, row.name, row.tier, row.id, row.scope, row.label)
+        return Principal(row.tenant_id, row.name, row.tier, row.id, row.scope, row.label, row.audit_content)
 
     async def record_last_used(self, used: dict[uuid.UUID, datetime]) -> None:
         """One transaction per flush for all keys seen since the last, instead of a write per request."""

@@ -31,7 +31,9 @@ async def create_chat_completion(
 ) -> Response:
     body = parse_body(await request.body())
     request_id: str = request.state.request_id
-    opened = await service.open(principal, body, request_id, request.headers.get(CONVERSATION_HEADER))
+    opened = await service.open(
+        principal, body, request_id, request.headers.get(CONVERSATION_HEADER), request.state.received
+    )
     headers = opened.headers
     if opened.conversation_id is not None:
         headers[CONVERSATION_HEADER] = opened.conversation_id

@@ -6,12 +6,15 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from keel.errors import InvalidRequestError
+from opentelemetry.trace import NoOpTracer, Tracer
+
+from keel.errors import InvalidRequestError, RateLimitError
 from keel.gateway.chat.protocol import ChatCompletionRequest
 from keel.llm import ChatEvent, ChatRequest, Usage
 from keel.pipeline import ChatCall, ChatPipeline
 from keel.ratelimit import Lease, RateLimiter
 from keel.settings import Settings
+from keel.telemetry.metrics import Metrics
 from keel.tenants import Principal
 
 _SANE_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -66,15 +69,30 @@ class OpenedChat:
 
 
 class ChatService:
-    def __init__(self, pipeline: ChatPipeline, limiter: RateLimiter | None, settings: Settings) -> None:
+    def __init__(
+        self,
+        pipeline: ChatPipeline,
+        limiter: RateLimiter | None,
+        settings: Settings,
+        *,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._limiter = limiter
+        self._tracer = tracer or NoOpTracer()
+        self._metrics = metrics
         self._tiers = settings.tiers
         self._default_model = settings.default_model
         self._default_completion = settings.default_completion_tokens_estimate
 
     async def open(
-        self, principal: Principal, body: ChatCompletionRequest, request_id: str, conversation_id: str | None
+        self,
+        principal: Principal,
+        body: ChatCompletionRequest,
+        request_id: str,
+        conversation_id: str | None,
+        received: float = 0.0,
     ) -> OpenedChat:
         """Everything up to the model's first event, so failures there still get a proper HTTP status."""
         request = to_chat_request(body, self._default_model)
@@ -88,11 +106,25 @@ class ChatService:
         headers: dict[str, str] = {}
         if self._limiter is not None:
             estimate = estimate_tokens(request, self._default_completion)
-            lease = await self._limiter.acquire(
-                str(principal.tenant_id), self._tiers[principal.tier], estimate
-            )
+            with self._tracer.start_as_current_span("rate_limit"):
+                try:
+                    lease = await self._limiter.acquire(
+                        str(principal.tenant_id), self._tiers[principal.tier], estimate
+                    )
+                except RateLimitError as exc:
+                    if self._metrics is not None:
+                        for kind in _limit_kinds(exc):
+                            self._metrics.rate_limited.labels(principal.tier, kind).inc()
+                    raise
             headers = lease.state.headers()
-        call = ChatCall(request_id, principal.tenant_id, request, conversation_id)
+        call = ChatCall(
+            request_id,
+            principal.tenant_id,
+            request,
+            conversation_id,
+            received=received,
+            audit_content=principal.audit_content,
+        )
         events = self._pipeline.stream(call)
         try:
             first = await anext(events)
@@ -103,6 +135,21 @@ class ChatService:
                 await lease.release()
             raise
         return OpenedChat(first, events, lease, headers, request.model, conversation_id)
+
+
+def _limit_kinds(error: RateLimitError) -> list[str]:
+    if error.code == "request_too_large":
+        return ["tokens"]
+    kinds = [
+        kind
+        for kind, words in (
+            ("requests", "requests per minute"),
+            ("tokens", "tokens per minute"),
+            ("concurrency", "concurrent requests"),
+        )
+        if words in error.message
+    ]
+    return kinds or ["other"]
 
 
 def to_chat_request(body: ChatCompletionRequest, default_model: str) -> ChatRequest:

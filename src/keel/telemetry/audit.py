@@ -1,0 +1,131 @@
+"""The audit record of every model call and the usage ledger, written through the write queue.
+
+Built from the pipeline's CallOutcome after the response: what was sent upstream (after assembly), every
+attempt, the reply, tokens, timings. Content passes the redactor first; a tenant may ask for metadata only.
+A full queue drops the record and counts it (`keel_write_queue_dropped_total`): never silent, never
+blocking the response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from keel.db.tables import audit_requests, usage_ledger
+from keel.db.writer import WriteQueue
+from keel.errors import KeelError
+from keel.llm import Attempt, ChatRequest
+from keel.pipeline import CallOutcome
+from keel.telemetry.metrics import Metrics
+from keel.telemetry.redact import Redactor
+
+log = logging.getLogger(__name__)
+
+PARAMETERS = ("max_tokens", "temperature", "top_p", "stop", "seed", "user", "tools", "tool_choice")
+
+
+class AuditRecorder:
+    def __init__(
+        self, writes: WriteQueue, metrics: Metrics, redactor: Redactor, *, enabled: bool = True
+    ) -> None:
+        self._writes = writes
+        self._metrics = metrics
+        self._redactor = redactor
+        self._enabled = enabled
+
+    def record(self, outcome: CallOutcome) -> None:
+        call, sent, result = outcome.call, outcome.sent, outcome.result
+        usage = result.usage
+        model = sent.trace.answered_by or sent.model
+        if usage is not None:
+            self._metrics.llm_tokens.labels(model, "input").inc(usage.input_tokens)
+            self._metrics.llm_tokens.labels(model, "output").inc(usage.output_tokens)
+        if call.received:
+            self._metrics.overhead.observe(max(0.0, outcome.model_started - call.received))
+        if not self._enabled:
+            return
+        created = datetime.fromtimestamp(time.time() - (time.perf_counter() - outcome.started), UTC)
+        row = self._audit_row(outcome, model, created)
+        if not self._writes.put(audit_requests, row):
+            self._dropped(call.request_id)
+        if usage is not None and not self._writes.put(
+            usage_ledger,
+            {
+                "tenant_id": call.tenant_id,
+                "end_user": sent.user,
+                "model": model,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "request_id": call.request_id,
+                "created_at": created,
+            },
+        ):
+            self._dropped(call.request_id)
+
+    def _dropped(self, request_id: str) -> None:
+        self._metrics.queue_dropped.inc()
+        log.error("write queue full: audit data of request %s dropped", request_id)
+
+    def _audit_row(self, outcome: CallOutcome, model: str, created: datetime) -> dict[str, Any]:
+        call, sent, result, error = outcome.call, outcome.sent, outcome.result, outcome.error
+        content = call.audit_content
+        reply = {"text": result.text, "tool_calls": result.tool_calls} if content else None
+        request = upstream_request(sent, include_messages=content)
+        return {
+            "request_id": call.request_id,
+            "trace_id": outcome.trace_id,
+            "tenant_id": call.tenant_id,
+            "end_user": sent.user,
+            "conversation_id": call.conversation_id,
+            "prompt": call.prompt or {},
+            "model_requested": call.request.model,
+            "model_answered": model if error is None else sent.trace.answered_by,
+            "deployment": sent.trace.deployment,
+            "upstream_model": sent.trace.upstream_model,
+            "status": "ok" if error is None else "error",
+            "error": None if error is None else self._redactor.text(_describe(error)),
+            "attempts": [_attempt_json(a, outcome.started) for a in sent.trace.attempts],
+            "request": self._redactor.value(request),
+            "retrieved": [{"id": c.id, "score": c.score, "source": c.source} for c in outcome.retrieved],
+            "reply": self._redactor.value(reply) if reply is not None else None,
+            "finish_reason": result.finish_reason if error is None else None,
+            "input_tokens": result.usage.input_tokens if result.usage else 0,
+            "output_tokens": result.usage.output_tokens if result.usage else 0,
+            "latency_ms": round((outcome.finished - outcome.started) * 1000, 3),
+            "ttft_ms": round((outcome.first_event - outcome.started) * 1000, 3)
+            if outcome.first_event
+            else None,
+            "stages": outcome.stages,
+            "replay_of": call.replay_of,
+            "created_at": created,
+        }
+
+
+def upstream_request(sent: ChatRequest, *, include_messages: bool = True) -> dict[str, Any]:
+    """The request as it went upstream after assembly: what a replay sends again."""
+    body: dict[str, Any] = {"model": sent.model}
+    body["messages"] = sent.messages if include_messages else None
+    for name in PARAMETERS:
+        value = getattr(sent, name)
+        if value not in (None, []):
+            body[name] = value
+    return body
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, KeelError):
+        return f"{error.type}: {error.message}"
+    return type(error).__name__  # a cancelled stream (client gone) and the like
+
+
+def _attempt_json(attempt: Attempt, origin: float) -> dict[str, Any]:
+    data = asdict(attempt)
+    data["started_ms"] = round((attempt.started - origin) * 1000, 3)
+    data["latency_ms"] = round(attempt.latency * 1000, 3)
+    data["first_token_ms"] = round(attempt.first_token * 1000, 3) if attempt.first_token is not None else None
+    for key in ("started", "latency", "first_token"):
+        del data[key]
+    return data

@@ -1,0 +1,87 @@
+"""Prometheus metrics. One registry per app (tests run several apps in one process); bounded labels only:
+no tenant ids, request ids or raw paths."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from keel.llm.trace import Attempt
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "keel_http_requests_total", "HTTP requests.", ["route", "method", "status"], registry=r
+        )
+        self.http_duration = Histogram(
+            "keel_http_request_duration_seconds",
+            "HTTP request duration.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_requests = Counter(
+            "keel_llm_requests_total",
+            "Model attempts by outcome.",
+            ["model", "provider", "outcome"],
+            registry=r,
+        )
+        self.llm_duration = Histogram(
+            "keel_llm_request_duration_seconds",
+            "Model attempt duration.",
+            ["model", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_ttft = Histogram(
+            "keel_llm_time_to_first_token_seconds",
+            "Time to the first model event.",
+            ["model", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_tokens = Counter("keel_llm_tokens_total", "Tokens.", ["model", "direction"], registry=r)
+        self.llm_retries = Counter("keel_llm_retries_total", "Retries.", ["model", "reason"], registry=r)
+        self.llm_fallbacks = Counter(
+            "keel_llm_fallbacks_total", "Fallbacks.", ["from_model", "to_model"], registry=r
+        )
+        self.breaker_state = Gauge(
+            "keel_circuit_breaker_state", "0 closed, 1 half-open, 2 open.", ["deployment"], registry=r
+        )
+        self.rate_limited = Counter(
+            "keel_rate_limited_total", "Refused by a tier limit.", ["tier", "kind"], registry=r
+        )
+        self.overhead = Histogram(
+            "keel_gateway_overhead_seconds",
+            "Time spent in Keel itself, excluding the upstream.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("keel_write_queue_depth", "Rows waiting to be written.", registry=r)
+        self.queue_dropped = Counter(
+            "keel_write_queue_dropped_total",
+            "Audit rows dropped because the write queue was full.",
+            registry=r,
+        )
+
+    # LLMObserver: the resilience layer reports here as things happen.
+    def attempt_finished(self, attempt: Attempt) -> None:
+        outcome = "success" if attempt.error_type is None else attempt.error_type
+        self.llm_requests.labels(attempt.model, attempt.provider, outcome).inc()
+        self.llm_duration.labels(attempt.model, attempt.provider).observe(attempt.latency)
+        if attempt.first_token is not None:
+            self.llm_ttft.labels(attempt.model, attempt.provider).observe(attempt.first_token)
+
+    def retried(self, model: str, reason: str) -> None:
+        self.llm_retries.labels(model, reason).inc()
+
+    def fell_back(self, from_model: str, to_model: str) -> None:
+        self.llm_fallbacks.labels(from_model, to_model).inc()
+
+    def breaker_changed(self, deployment: str, state: int) -> None:
+        self.breaker_state.labels(deployment).set(state)

@@ -1,0 +1,29 @@
+"""Redaction before storage: every string in a record passes through the configured patterns."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+MASK = "[REDACTED]"
+
+
+class Redactor:
+    def __init__(self, patterns: list[str]) -> None:
+        # Applied one by one: a user's pattern may carry its own inline flags.
+        self._patterns = [re.compile(p) for p in patterns]
+
+    def text(self, value: str) -> str:
+        for pattern in self._patterns:
+            value = pattern.sub(MASK, value)
+        return value
+
+    def value(self, value: Any) -> Any:
+        """Strings anywhere in nested dicts and lists; keys and other types untouched."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        return value
