@@ -72,6 +72,25 @@ def tenants_list() -> None:
         typer.echo(f"{tenant.name}\t{tenant.tier}\t{tenant.created_at:%Y-%m-%d %H:%M}")
 
 
+@tenants_app.command("update")
+def tenants_update(
+    name: str,
+    audit_content: Annotated[
+        bool | None,
+        typer.Option(
+            "--audit-content/--no-audit-content",
+            help="Keep message content in audit records, or metadata only.",
+        ),
+    ] = None,
+) -> None:
+    """Change a tenant's settings."""
+    if audit_content is None:
+        typer.echo("nothing to change: give --audit-content or --no-audit-content", err=True)
+        raise typer.Exit(2)
+    run_with_tenants(lambda s: s.set_audit_content(name, audit_content))
+    typer.echo(f"tenant {name}: audit records keep {'content' if audit_content else 'metadata only'}")
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name.")],

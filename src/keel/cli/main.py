@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keel.cli import chat, data, serve
+from keel.cli import audit, chat, data, serve
 
 app = typer.Typer(
     name="keel",
@@ -18,6 +18,8 @@ app.command("chat")(chat.chat)
 app.add_typer(data.db_app, name="db")
 app.add_typer(data.tenants_app, name="tenants")
 app.add_typer(data.keys_app, name="keys")
+app.add_typer(audit.audit_app, name="audit")
+app.command("replay")(audit.replay)
 
 
 def main() -> None:

@@ -64,6 +64,12 @@ class AuditStore:
         rows = rows[:limit]
         return [record_json(r) for r in rows], (rows[-1].id if more and rows else None)
 
+    async def tenants_with(self, request_id: str) -> list[uuid.UUID]:
+        """Which tenants have a request with this id (for operator tools that span tenants)."""
+        query = select(audit_requests.c.tenant_id).where(audit_requests.c.request_id == request_id).distinct()
+        async with self._engine.connect() as conn:
+            return [row.tenant_id for row in await conn.execute(query)]
+
     async def prune(self, older_than_days: float) -> int:
         cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
         async with self._engine.begin() as conn:

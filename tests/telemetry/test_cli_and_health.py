@@ -1,0 +1,142 @@
+"""`keel replay`, `keel audit prune`, `keel tenants update`, and /healthz + /readyz."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from keel.settings import ModelConfig
+from keel.testing import FakeUpstream, Reply
+from keel.testing.server import KeelServer
+
+
+def _keel(database_url: str, data_dir: Path, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "KEEL_DATABASE_URL": database_url,
+        "KEEL_DATA_DIR": str(data_dir),
+        "KEEL_CONFIG": str(config),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _wait_recorded(keel: KeelServer, key: str, request_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while (
+        httpx.get(
+            f"{keel.base_url}/requests/{request_id}", headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+        != 200
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_replay_and_prune_from_the_cli(
+    client: openai.OpenAI,
+    keel: KeelServer,
+    tenant: Any,
+    fake: FakeUpstream,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "keel.toml"
+    config.write_text(f'[models.fake]\nprovider = "openai"\nbase_url = "{fake.openai_base_url}"\n')
+    request_id = f"cli-{uuid.uuid4().hex[:10]}"
+    fake.enqueue(Reply(text="the original reply"))
+    client.chat.completions.create(
+        model="fake",
+        messages=[{"role": "user", "content": "again"}],
+        extra_headers={"X-Request-ID": request_id},
+    )
+    _wait_recorded(keel, tenant.admin_key, request_id)
+
+    fake.enqueue(Reply(text="the replayed reply"))
+    done = _keel(database_url, tmp_path, config, "replay", request_id)
+    assert done.returncode == 0, done.stderr
+    assert "the original reply" in done.stdout
+    assert "the replayed reply" in done.stdout
+    assert "-the original reply" in done.stdout  # the diff
+    assert fake.requests[-1].body["messages"] == [{"role": "user", "content": "again"}]
+    listing = httpx.get(
+        f"{keel.base_url}/requests",
+        headers={"Authorization": f"Bearer {tenant.admin_key}"},
+        params={"limit": 5},
+    ).json()
+    assert any(r["replay_of"] == request_id for r in listing["data"])  # recorded, linked
+
+    missing = _keel(database_url, tmp_path, config, "replay", "no-such-request")
+    assert missing.returncode == 1
+    assert "no recorded request" in missing.stderr
+
+    pruned = _keel(database_url, tmp_path, config, "audit", "prune", "--older-than", "0")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed" in pruned.stdout
+    gone = httpx.get(
+        f"{keel.base_url}/requests/{request_id}", headers={"Authorization": f"Bearer {tenant.admin_key}"}
+    )
+    assert gone.status_code == 404
+
+
+def test_tenants_update_switches_audit_content(
+    make_tenant: Callable[..., Any], database_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "keel.toml"
+    config.write_text("")
+    name = make_tenant().name
+    done = _keel(database_url, tmp_path, config, "tenants", "update", name, "--no-audit-content")
+    assert done.returncode == 0, done.stderr
+    assert "metadata only" in done.stdout
+    assert (
+        _keel(
+            database_url,
+            tmp_path,
+            config,
+            "tenants",
+            "update",
+            "nobody-" + uuid.uuid4().hex[:6],
+            "--audit-content",
+        ).returncode
+        == 1
+    )
+
+
+def test_health_and_readiness(start_keel: Callable[..., KeelServer], fake: FakeUpstream) -> None:
+    server = start_keel(
+        models={
+            "fake": ModelConfig(provider="openai", base_url=fake.openai_base_url),
+            "down": ModelConfig(provider="openai", base_url="http://127.0.0.1:9/v1", connect_timeout=1),
+        },
+        default_model="fake",
+    )
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    response = httpx.get(f"{server.url}/readyz", timeout=30)
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["database"]["ok"] is True
+    assert checks["write_queue"]["ok"] is True
+    assert checks["model:local"]["ok"] is True
+    assert checks["model:fake"]["ok"] is True
+    assert checks["model:down"]["ok"] is False
+    assert "unreachable" in checks["model:down"]["detail"]
+
+    healthy = start_keel(models={"fake": ModelConfig(provider="openai", base_url=fake.openai_base_url)})
+    ready = httpx.get(f"{healthy.url}/readyz", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
