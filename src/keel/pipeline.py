@@ -42,6 +42,19 @@ log = logging.getLogger(__name__)
 Message = dict[str, Any]
 
 
+def apply_prompt(call: ChatCall, prompt: ResolvedPrompt) -> ChatRequest:
+    """The version's model config fills what the client left unset; explicit request fields win."""
+    request = call.request
+    changes: dict[str, Any] = {
+        name: value for name, value in prompt.defaults.items() if getattr(request, name) in (None, [])
+    }
+    if prompt.model is not None and not call.model_named:
+        changes["model"] = prompt.model
+    if prompt.info:
+        call.prompt = {**(call.prompt or {}), **prompt.info}
+    return replace(request, **changes) if changes else request
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
@@ -69,7 +82,8 @@ class ChatCall:
     tenant_id: uuid.UUID
     request: ChatRequest
     conversation_id: str | None = None
-    prompt: dict[str, Any] | None = None  # the `prompt` extension field, for the prompt registry
+    prompt: dict[str, Any] | None = None  # the request's prompt reference (extension field or header)
+    model_named: bool = True  # False: the client named no model, so a prompt's model config may choose
     received: float = 0.0  # time.perf_counter() when the gateway got the request
     audit_content: bool = True  # False: the tenant wants metadata only in audit records
     replay_of: str | None = None
@@ -100,8 +114,23 @@ class CallOutcome:
     trace_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ResolvedPrompt:
+    """What the prompt stage adds: messages to put first, and the version's model config as defaults."""
+
+    messages: list[Message] = field(default_factory=list)
+    model: str | None = None  # used only when the client named no model
+    defaults: dict[str, Any] = field(
+        default_factory=dict
+    )  # ChatRequest fields, used where the client set none
+    info: dict[str, Any] = field(default_factory=dict)  # name, version, label, experiment, variant: for audit
+
+
+NO_PROMPT = ResolvedPrompt()
+
+
 class PromptResolver(Protocol):
-    async def resolve(self, call: ChatCall) -> list[Message]: ...
+    async def resolve(self, call: ChatCall) -> ResolvedPrompt: ...
 
 
 class Retriever(Protocol):
@@ -114,8 +143,8 @@ class Recorder(Protocol):
 
 
 class NoPrompt:
-    async def resolve(self, call: ChatCall) -> list[Message]:
-        return []
+    async def resolve(self, call: ChatCall) -> ResolvedPrompt:
+        return NO_PROMPT
 
 
 class NoRetrieval:
@@ -189,12 +218,14 @@ class ChatPipeline:
         started = time.perf_counter()
         parent = otel_context.get_current()  # the gateway's request span; stage spans hang under it
         stages: dict[str, float] = {}
-        model = self._models.get(call.request.model)  # unknown alias: NotFoundError before any work
         with self._stage("prompt.resolve", parent, stages):
             prompt = await self._prompts.resolve(call)
+        if prompt is not NO_PROMPT:
+            call.request = apply_prompt(call, prompt)
+        model = self._models.get(call.request.model)  # unknown alias: NotFoundError before more work
         history, retrieved = await self._load_and_retrieve(call, parent, stages)
         with self._stage("context.assemble", parent, stages):
-            messages = self._assembler.assemble(prompt, history, retrieved, call.request.messages)
+            messages = self._assembler.assemble(prompt.messages, history, retrieved, call.request.messages)
         sent = replace(call.request, messages=messages)
         outcome = CallOutcome(call, sent, ChatResult(), started=started, retrieved=retrieved, stages=stages)
         outcome.trace_id = trace_id_hex(get_current_span(parent))

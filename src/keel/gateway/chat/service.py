@@ -124,6 +124,7 @@ class ChatService:
             conversation_id,
             received=received,
             audit_content=principal.audit_content,
+            model_named=body.model is not None,
         )
         events = self._pipeline.stream(call)
         try:
