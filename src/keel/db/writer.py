@@ -82,7 +82,7 @@ class WriteQueue:
                 self.failures += 1
                 log.exception("write queue: batch of %d failed; retrying in %.1fs", len(batch), delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)  # retrying once a second is cheap; recovery stays quick
                 continue
             delay = 0.1
             for _ in batch:

@@ -7,6 +7,7 @@ import logging
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -67,6 +68,27 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def database_unavailable(request: Request, exc: Exception) -> Response:
+    """The database is away (restart, failover, network): a retryable 503, not a 500."""
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return error_response(
+        503,
+        _envelope(
+            "The database is unavailable; retry shortly.", "service_unavailable", code="database_unavailable"
+        ),
+        {"Retry-After": "1"},
+    )
+
+
+async def dependency_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("a dependency is unreachable: %r", exc)
+    return error_response(
+        503,
+        _envelope("A service Keel depends on is unreachable; retry shortly.", "service_unavailable"),
+        {"Retry-After": "1"},
+    )
+
+
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     request_id = getattr(request.state, "request_id", "")
     log.exception("unhandled error")
@@ -81,4 +103,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(KeelError, keel_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(DBAPIError, database_unavailable)
+    app.add_exception_handler(OSError, dependency_unavailable)  # e.g. connection refused on connect
     app.add_exception_handler(Exception, unexpected_error)

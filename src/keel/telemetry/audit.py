@@ -35,6 +35,8 @@ class AuditRecorder:
         self._metrics = metrics
         self._redactor = redactor
         self._enabled = enabled
+        self._dropped_since_log = 0
+        self._last_drop_log = 0.0
 
     def record(self, outcome: CallOutcome) -> None:
         call, sent, result = outcome.call, outcome.sent, outcome.result
@@ -67,7 +69,16 @@ class AuditRecorder:
 
     def _dropped(self, request_id: str) -> None:
         self._metrics.queue_dropped.inc()
-        log.error("write queue full: audit data of request %s dropped", request_id)
+        self._dropped_since_log += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= 1.0:  # one line a second, not one per row, during an outage
+            log.error(
+                "write queue full: dropped audit data of %d rows in the last second (last: request %s)",
+                self._dropped_since_log,
+                request_id,
+            )
+            self._dropped_since_log = 0
+            self._last_drop_log = now
 
     def _audit_row(self, outcome: CallOutcome, model: str, created: datetime) -> dict[str, Any]:
         call, sent, result, error = outcome.call, outcome.sent, outcome.result, outcome.error
