@@ -240,7 +240,7 @@ async def _admin(sql: str) -> None:
 
 
 def keel_env(
-    work: Path, port: int, fake_port: int, database_url: str | None, log_level: str
+    work: Path, port: int, fake_port: int, database_url: str | None, log_level: str, extra: dict[str, str]
 ) -> dict[str, str]:
     config = work / "keel.toml"
     config.write_text(
@@ -261,7 +261,7 @@ def keel_env(
     }
     if database_url is not None:
         env["KEEL_DATABASE_URL"] = database_url
-    return env
+    return env | extra
 
 
 def api_key(command: list[str], env: dict[str, str], work: Path) -> str:
@@ -291,18 +291,18 @@ def ms(seconds: float) -> str:
 
 
 HEADER = (
-    "| Keel log | mode | c | direct req/s | direct p50 | direct p99 | Keel req/s | Keel p50 | Keel p99 "
+    "| Keel config | mode | c | direct req/s | direct p50 | direct p99 | Keel req/s | Keel p50 | Keel p99 "
     "| added p50 | added p99 | TTFB p50 direct / Keel |\n"
     "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
 )
 
 
-def row(log_level: str, mode: str, c: int, direct: Run, keel: Run) -> str:
+def row(config: str, mode: str, c: int, direct: Run, keel: Run) -> str:
     ttfb = "–"
     if direct.first_bytes and keel.first_bytes:
         ttfb = f"{ms(direct.p(0.5, direct.first_bytes))} / {ms(keel.p(0.5, keel.first_bytes))}"
     cells = [
-        log_level,
+        config,
         mode,
         str(c),
         f"{direct.rps:,.0f}",
@@ -322,6 +322,15 @@ def row(log_level: str, mode: str, c: int, direct: Run, keel: Run) -> str:
 def best(runs: list[Run]) -> Run:
     """Of repeated rounds, the fastest: on a shared machine the slower ones measure the neighbours."""
     return max(runs, key=lambda run: run.rps)
+
+
+def unwind_on_sigterm() -> None:
+    """Outside the event loop, SIGTERM unwinds like Ctrl-C, so `finally` stops what was started."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -351,6 +360,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="INFO",
         help="Keel's KEEL_LOG_LEVEL, one Keel per level (default INFO; try INFO,WARNING)",
     )
+    parser.add_argument(
+        "--keel-env",
+        action="append",
+        default=[],
+        metavar="KEEL_X=VALUE",
+        help="extra setting for Keel, e.g. KEEL_AUDIT_ENABLED=false (repeatable)",
+    )
     parser.add_argument("--database-url", default=None, help=f"default: a scratch database on {DEFAULT_PG}")
     parser.add_argument(
         "--time-limit", type=float, default=120.0, help="seconds per run before it stops early"
@@ -359,6 +375,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.modes = args.modes or ["json", "stream"]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.log_levels = [level.strip().upper() for level in args.log_levels.split(",") if level.strip()]
+    extra = [item.partition("=") for item in args.keel_env]
+    if not all(key.startswith("KEEL_") and sep for key, sep, _ in extra):
+        parser.error("--keel-env takes KEEL_NAME=VALUE")
+    args.keel_env = {key: value for key, _, value in extra}
     if not 1 <= args.requests <= MAX_REQUESTS:
         parser.error(f"-n must be 1..{MAX_REQUESTS}")
     if not args.concurrency or not all(1 <= c <= 1000 for c in args.concurrency):
@@ -370,8 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so the `finally` below stops what was started.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    unwind_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="keel-bench-"))
     processes = Processes()
     rows: list[str] = []
@@ -390,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             direct = Target("direct", f"http://{HOST}:{fake_port}/v1/chat/completions", {}, UPSTREAM_MODEL)
             for log_level in args.log_levels:
                 rows += bench_keel(args, processes, work, fake_port, database_url, log_level, direct)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         return 130
     except BenchError as exc:
@@ -425,7 +444,8 @@ def bench_keel(
     command = (
         [str(keel_bin)] if keel_bin.exists() else [sys.executable, "-c", "from keel.cli import main; main()"]
     )
-    env = keel_env(work, port, fake_port, database_url, log_level)
+    env = keel_env(work, port, fake_port, database_url, log_level, args.keel_env)
+    config = " ".join([f"log {log_level}", *(f"{k}={v}" for k, v in args.keel_env.items())])
     with log_path.open("wb") as log:
         keel = processes.start([*command, "serve"], env=env, cwd=work, log=log)
     try:
@@ -441,8 +461,8 @@ def bench_keel(
         for mode in args.modes:
             for c in args.concurrency:
                 runs = asyncio.run(measure(args, direct, through, stream=mode == "stream", concurrency=c))
-                line = row(log_level, mode, c, best(runs[0]), best(runs[1]))
-                print(line, flush=True)
+                line = row(config, mode, c, best(runs[0]), best(runs[1]))
+                print(line, file=sys.stderr, flush=True)  # progress; the table goes to stdout at the end
                 rows.append(line)
         return rows
     finally:
@@ -450,6 +470,22 @@ def bench_keel(
 
 
 async def measure(
+    args: argparse.Namespace, direct: Target, through: Target, *, stream: bool, concurrency: int
+) -> tuple[list[Run], list[Run]]:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    # In the loop, SIGTERM cancels the run (as asyncio.run does for Ctrl-C) rather than raising inside
+    # whatever callback is running.
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await _measure(args, direct, through, stream=stream, concurrency=concurrency)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        unwind_on_sigterm()
+
+
+async def _measure(
     args: argparse.Namespace, direct: Target, through: Target, *, stream: bool, concurrency: int
 ) -> tuple[list[Run], list[Run]]:
     directs: list[Run] = []

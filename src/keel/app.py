@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -25,10 +26,12 @@ from keel.gateway.audit_routes import router as audit_router
 from keel.gateway.auth import Authenticator
 from keel.gateway.chat.router import router as chat_router
 from keel.gateway.chat.service import ChatService
+from keel.gateway.prompts_routes import router as prompts_router
 from keel.gateway.routes import metrics as metrics_route
 from keel.gateway.routes import router as small_routes
 from keel.llm import ModelRegistry
 from keel.pipeline import ChatPipeline, ConversationRecorder
+from keel.prompts import PromptRuntime
 from keel.ratelimit import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
 from keel.settings import Settings
 from keel.telemetry.audit import AuditRecorder
@@ -38,6 +41,9 @@ from keel.telemetry.readiness import Readiness
 from keel.telemetry.redact import Redactor
 from keel.telemetry.replay import Replayer
 from keel.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 from keel.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(small_routes)
     app.include_router(audit_router)
+    app.include_router(prompts_router)
     if settings.metrics_enabled and settings.metrics_port is None:
         app.add_api_route("/metrics", metrics_route, methods=["GET"], include_in_schema=False)
     if settings.cors_origins:
@@ -64,7 +71,14 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["x-request-id", "x-keel-conversation-id", "retry-after"],
+            expose_headers=[
+                "x-request-id",
+                "x-keel-conversation-id",
+                "retry-after",
+                "x-keel-model",
+                "x-keel-attempts",
+                "x-keel-fallback",
+            ],
         )
     app.add_middleware(
         GatewayMiddleware,
@@ -92,6 +106,7 @@ async def _lifespan(app: FastAPI, settings: Settings, telemetry: Telemetry) -> A
             server, _thread = start_http_server(
                 settings.metrics_port, addr=settings.host, registry=telemetry.metrics.registry
             )
+            stack.callback(server.server_close)  # runs after shutdown (LIFO): no leaked socket
             stack.callback(server.shutdown)
         log.info("keel ready", extra={"models": sorted(settings.models)})
         yield
@@ -127,11 +142,12 @@ async def build_components(
     )
     stack.push_async_callback(session.close)
 
-    models = ModelRegistry(settings, session)
+    redis = _redis(settings, stack)  # one client, shared by the rate limiter and the circuit breakers
+    models = ModelRegistry(settings, session, redis=redis, observer=telemetry.metrics)
     stack.push_async_callback(models.aclose)
     await models.start()
 
-    limiter = await _rate_limiter(settings, stack)
+    limiter = await _rate_limiter(settings, stack, redis)
     tracer = telemetry.tracing.tracer
     authenticator = Authenticator(
         tenants,
@@ -147,9 +163,14 @@ async def build_components(
     audit = AuditRecorder(
         writes, telemetry.metrics, Redactor(settings.redact_patterns), enabled=settings.audit_enabled
     )
+    prompts = PromptRuntime(settings, engine, database.url, redis)
+    if serving:  # listener and canary guard; elsewhere the resolver reads the database directly
+        await prompts.start()
+        stack.push_async_callback(prompts.aclose)
     pipeline = ChatPipeline(
         models,
         conversations,
+        prompts=prompts.resolver,
         recorders=[ConversationRecorder(conversations), audit],
         tracer=tracer,
         trace_content=settings.trace_content,
@@ -170,6 +191,8 @@ async def build_components(
         readiness=Readiness(settings, engine, writes, models, session),
         metrics=telemetry.metrics,
         writes=writes,
+        prompts=prompts.registry,
+        feedback=prompts.feedback,
     )
 
 
@@ -185,18 +208,20 @@ async def _prune_forever(store: AuditStore, days: int) -> None:
         await asyncio.sleep(3600)
 
 
-async def _rate_limiter(settings: Settings, stack: AsyncExitStack) -> RateLimiter | None:
+def _redis(settings: Settings, stack: AsyncExitStack) -> Redis | None:
+    if settings.redis_url is None:
+        return None
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(settings.redis_url.get_secret_value())
+    stack.push_async_callback(client.aclose)
+    return client
+
+
+async def _rate_limiter(settings: Settings, stack: AsyncExitStack, redis: Redis | None) -> RateLimiter | None:
     if not settings.rate_limits_enabled:
         return None
-    limiter: RateLimiter
-    if settings.redis_url is not None:
-        from redis.asyncio import Redis
-
-        client = Redis.from_url(settings.redis_url.get_secret_value())
-        stack.push_async_callback(client.aclose)
-        limiter = RedisRateLimiter(client)
-    else:
-        limiter = InMemoryRateLimiter()
+    limiter: RateLimiter = RedisRateLimiter(redis) if redis is not None else InMemoryRateLimiter()
     stack.push_async_callback(limiter.aclose)
     return limiter
 

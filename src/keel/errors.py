@@ -7,6 +7,8 @@
     ├── NotFoundError              404 not_found_error         (unknown model, conversation, ...)
     ├── PayloadTooLargeError       413 invalid_request_error   (body over the limit)
     ├── RateLimitError             429 rate_limit_error        (tenant over its tier; Retry-After)
+    │   └── UpstreamRateLimitError 429 rate_limit_error        (a provider's 429, with its headers)
+    ├── ClientDisconnectedError    499 client_closed_request   (the client left; nobody reads it)
     ├── OverloadedError            503 overloaded_error        (our own capacity: local model queue full)
     └── UpstreamError              502 upstream_error          (a provider failed; status, provider, model)
         ├── UpstreamTimeoutError   504 timeout_error
@@ -14,7 +16,8 @@
 
 The gateway maps each onto the OpenAI envelope {"error": {"message", "type", "param", "code"}}.
 An upstream 4xx caused by the request (400, 413, 422) becomes an `InvalidRequestError` for the client,
-so user mistakes stay apart from upstream failures.
+so user mistakes stay apart from upstream failures. The model layer retries upstream errors and falls back
+(keel.llm.resilience); what reaches the client is its verdict once every attempt failed.
 """
 
 from __future__ import annotations
@@ -79,6 +82,33 @@ class RateLimitError(KeelError):
     default_code = "rate_limit_exceeded"
 
 
+class UpstreamRateLimitError(RateLimitError):
+    """A provider answered 429: the model layer retries it, honouring `retry-after(-ms)`."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str,
+        upstream_headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code="upstream_rate_limited", headers=headers)
+        self.provider = provider
+        self.model = model
+        self.upstream_status = 429
+        self.upstream_headers = {k.lower(): v for k, v in (upstream_headers or {}).items()}
+
+
+class ClientDisconnectedError(KeelError):
+    """The client went away before the answer; the status only shows in logs and metrics."""
+
+    status = 499
+    type = "client_closed_request"
+    default_code = "client_closed_request"
+
+
 class OverloadedError(KeelError):
     status = 503
     type = "overloaded_error"
@@ -134,7 +164,9 @@ def upstream_status_error(
         retry_after = {k.lower(): v for k, v in headers.items()}.get("retry-after")
         if retry_after:
             headers_out["Retry-After"] = retry_after
-        return RateLimitError(text, code="upstream_rate_limited", headers=headers_out)
+        return UpstreamRateLimitError(
+            text, provider=provider, model=model, upstream_headers=headers, headers=headers_out
+        )
     if status in (408, 504):
         return UpstreamTimeoutError(
             text, provider=provider, model=model, upstream_status=status, upstream_headers=headers

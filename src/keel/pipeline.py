@@ -4,7 +4,7 @@
 2. load conversation  ┐  ConversationStore (prior turns; the new user turn is durable first)
 3. retrieve           ┘  Retriever        (pass-through until RAG lands); 2 and 3 run concurrently
 4. assemble context      ContextAssembler (prompt + retrieved + history + new turns)
-5. call the model        ModelRegistry → ChatModel (resilience wraps it later)
+5. call the model        ModelRegistry → ChatModel (retries, fallbacks, breakers inside it)
 6. deliver               the caller iterates the events as they come
 7. record                Recorder, off the critical path
 """

@@ -147,6 +147,19 @@ class LocalModelSettings(BaseModel):
     max_output_tokens: int = Field(default=256, gt=0)
 
 
+class PromptSettings(BaseModel):
+    """The prompt registry: rendering bounds, feedback linking, canary auto-pause (see docs/prompts.md)."""
+
+    max_rendered_chars: int = Field(default=100_000, gt=0)  # a rendered prompt larger than this is a 400
+    feedback_wait_seconds: float = Field(default=2.0, ge=0)  # how long feedback waits for its audit record
+    canary_check_seconds: float = Field(default=5.0, gt=0)  # how often served canaries are evaluated
+    canary_min_requests: int = Field(default=200, ge=1)  # per arm, before the error rate is judged
+    canary_error_margin: float = Field(default=0.02, ge=0, le=1)  # tolerated error-rate increase
+    canary_min_feedback: int = Field(default=50, ge=1)  # per arm, before negative feedback is judged
+    canary_feedback_margin: float = Field(default=0.05, ge=0, le=1)  # tolerated negative-rate increase
+    canary_alpha: float = Field(default=0.01, gt=0, lt=1)  # one-sided significance level of a pause
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KEEL_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -173,6 +186,7 @@ class Settings(BaseSettings):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     default_model: str = "local"
     local: LocalModelSettings = Field(default_factory=LocalModelSettings)
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
 
     # Observability: traces, metrics, the audit record of every model call.
     otlp_endpoint: str | None = None  # e.g. http://collector:4318; spans go to {endpoint}/v1/traces

@@ -85,7 +85,7 @@ def test_user_turn_is_durable_even_when_the_model_fails(
     client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream
 ) -> None:
     conversation = f"conv-{uuid.uuid4().hex[:8]}"
-    fake.enqueue(Reply(status=500))
+    fake.default_reply = Reply(status=500)  # every attempt, retries included
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(
             model="fake",

@@ -131,9 +131,17 @@ def test_oversized_body_is_413(
     ],
 )
 def test_upstream_failures_map_to_gateway_statuses(
-    client: openai.OpenAI, fake: FakeUpstream, upstream_status: int, status: int, error_type: type[Exception]
+    start_keel: Callable[..., KeelServer],
+    make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI],
+    fake: FakeUpstream,
+    upstream_status: int,
+    status: int,
+    error_type: type[Exception],
 ) -> None:
-    fake.enqueue(Reply(status=upstream_status, error_message="upstream says no"))
+    # A Keel of its own: its circuit breaker counts these failures, and must not open the shared one's.
+    client = make_client(start_keel(), make_tenant().chat_key)
+    fake.default_reply = Reply(status=upstream_status, error_message="upstream says no")  # retries too
     with pytest.raises(error_type) as caught:
         client.chat.completions.create(model="fake", messages=MESSAGES)
     assert caught.value.status_code == status  # type: ignore[attr-defined]

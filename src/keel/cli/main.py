@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keel.cli import audit, chat, data, serve
+from keel.cli import audit, chat, data, prompts, serve
 
 app = typer.Typer(
     name="keel",
@@ -20,6 +20,7 @@ app.add_typer(data.tenants_app, name="tenants")
 app.add_typer(data.keys_app, name="keys")
 app.add_typer(audit.audit_app, name="audit")
 app.command("replay")(audit.replay)
+app.add_typer(prompts.prompts_app, name="prompts")
 
 
 def main() -> None:

@@ -126,3 +126,115 @@ usage_ledger = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("usage_ledger_tenant_time_idx", "tenant_id", "created_at"),
 )
+
+# --- the prompt registry (keel.prompts) -------------------------------------------------------------
+
+prompts = Table(
+    "prompts",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("prompts_tenant_name_idx", "tenant_id", "name", unique=True),
+)
+
+prompt_versions = Table(
+    "prompt_versions",
+    metadata,
+    Column("prompt_id", UUID(as_uuid=True), ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("template", JSONB, nullable=False),  # a string (one system message) or [{role, content}]
+    Column("variables", JSONB, nullable=False),  # {name: {type, required, default}}
+    Column("config", JSONB, nullable=False),  # {alias, temperature, max_tokens, ...}
+    Column("description", Text, nullable=False, server_default=""),
+    Column("tags", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("author", Text, nullable=False, server_default=""),
+    Column("content_hash", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("prompt_versions_hash_idx", "prompt_id", "content_hash", unique=True),
+)
+
+prompt_labels = Table(
+    "prompt_labels",
+    metadata,
+    Column("prompt_id", UUID(as_uuid=True), ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True),
+    Column("label", Text, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("moved_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    ForeignKeyConstraint(
+        ["prompt_id", "version"], ["prompt_versions.prompt_id", "prompt_versions.version"], ondelete="CASCADE"
+    ),
+)
+
+prompt_label_moves = Table(
+    "prompt_label_moves",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("prompt_id", UUID(as_uuid=True), ForeignKey("prompts.id", ondelete="CASCADE"), nullable=False),
+    Column("label", Text, nullable=False),
+    Column("from_version", Integer),  # None: the label did not exist
+    Column("to_version", Integer),  # None: the label was removed
+    Column("author", Text, nullable=False, server_default=""),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("forced", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("prompt_label_moves_label_idx", "prompt_id", "label", "id"),
+)
+
+prompt_experiments = Table(
+    "prompt_experiments",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("prompt_id", UUID(as_uuid=True), ForeignKey("prompts.id", ondelete="CASCADE"), nullable=False),
+    Column("label", Text, nullable=False),
+    Column("kind", Text, nullable=False),  # "experiment" | "canary"
+    Column("unit", Text, nullable=False),  # "tenant" | "user" | "conversation"
+    Column("status", Text, nullable=False),  # "running" | "paused" | "promoted" | "aborted" | "ended"
+    Column("slots", JSONB, nullable=False),  # 100 versions: a unit's hash picks one slot
+    Column("baseline", Integer, nullable=False),
+    Column("candidate", Integer),  # a canary's new version
+    Column("author", Text, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('experiment', 'canary')", name="prompt_experiments_kind_check"),
+    CheckConstraint("unit IN ('tenant', 'user', 'conversation')", name="prompt_experiments_unit_check"),
+    Index(
+        "prompt_experiments_active_idx",
+        "prompt_id",
+        "label",
+        unique=True,
+        postgresql_where=text("status IN ('running', 'paused')"),
+    ),
+)
+
+prompt_experiment_events = Table(
+    "prompt_experiment_events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "experiment_id",
+        UUID(as_uuid=True),
+        ForeignKey("prompt_experiments.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("event", Text, nullable=False),  # started, weights, paused, promoted, aborted, ended
+    Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("author", Text, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("prompt_experiment_events_idx", "experiment_id", "id"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("request_id", Text, nullable=False),
+    Column("score", Float, nullable=False),  # as sent: 1, -1 or 0.0-1.0
+    Column("value", Float, nullable=False),  # on one scale: 0.0 (bad) to 1.0 (good); -1 is 0.0
+    Column("comment", Text),
+    Column("prompt", JSONB, nullable=False, server_default=text("'{}'::jsonb")),  # the request's audit prompt
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("feedback_tenant_request_idx", "tenant_id", "request_id", unique=True),
+)

@@ -12,6 +12,7 @@ from keel.db import WriteQueue
 from keel.gateway.auth import Authenticator, require_scope
 from keel.gateway.chat.service import ChatService
 from keel.llm import ModelRegistry
+from keel.prompts import FeedbackStore, PromptRegistry
 from keel.telemetry import tenant_var
 from keel.telemetry.audit_store import AuditStore
 from keel.telemetry.metrics import Metrics
@@ -32,6 +33,8 @@ class Components:
     readiness: Readiness
     metrics: Metrics
     writes: WriteQueue
+    prompts: PromptRegistry
+    feedback: FeedbackStore
 
 
 def _components(request: Request) -> Components:

@@ -1,15 +1,22 @@
-"""Model aliases from settings, each built once into a ChatModel."""
+"""Model aliases from settings, each built once into a ChatModel: its providers inside the resilience
+stack (retries, fallbacks, breakers, deadlines) that `keel.llm.resilience.build_stacks` composes."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from keel.errors import NotFoundError
 from keel.llm.base import ChatModel
+from keel.llm.resilience import ModelStacks, build_stacks
+from keel.llm.trace import LLMObserver, NoObserver
 from keel.settings import ModelConfig, Settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +29,21 @@ class ModelInfo:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        observer: LLMObserver = NoObserver(),
+        redis: Redis | None = None,
+    ) -> None:
         self._configs = settings.models
-        self._models: dict[str, ChatModel] = {
-            alias: build_model(alias, config, settings, session) for alias, config in settings.models.items()
-        }
+        self.stacks: ModelStacks = build_stacks(
+            settings,
+            lambda alias, config: build_model(alias, config, settings, session),
+            observer=observer,
+            redis=redis,
+        )
+        self._models: dict[str, ChatModel] = self.stacks.models
 
     def get(self, alias: str) -> ChatModel:
         try:
@@ -45,14 +62,10 @@ class ModelRegistry:
         ]
 
     async def start(self) -> None:
-        for model in self._models.values():
-            start = getattr(model, "start", None)
-            if start is not None:
-                await start()
+        await self.stacks.start()
 
     async def aclose(self) -> None:
-        for model in self._models.values():
-            await model.aclose()
+        await self.stacks.aclose()
 
 
 def build_model(

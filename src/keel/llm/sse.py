@@ -21,6 +21,7 @@ from keel.errors import (
     UpstreamUnavailableError,
     upstream_status_error,
 )
+from keel.telemetry.tracing import inject
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs twice as much to build, once per event
@@ -102,7 +103,9 @@ async def post_sse(
     response: aiohttp.ClientResponse | None = None
     complete = False
     try:
-        response = await session.post(url, data=body, headers=headers, timeout=client_timeout)
+        traced = dict(headers)
+        inject(traced)  # W3C traceparent: the upstream call joins the request's trace
+        response = await session.post(url, data=body, headers=traced, timeout=client_timeout)
         if response.status >= 300:
             raise await _status_error(response, provider, model, secret)
         async with aclosing(iter_sse(response)) as events:

@@ -1,19 +1,39 @@
-"""Test doubles shipped with Keel: a fake upstream speaking the OpenAI and Anthropic wire formats."""
+"""Test doubles shipped with Keel: a fake upstream speaking the OpenAI and Anthropic wire formats, an OTLP
+trace receiver, and a TCP proxy that can cut a connection (a database outage on command)."""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from keel.testing.fake_upstream import FakeUpstream, RecordedRequest, Reply
+    from keel.testing.fake_upstream import FakeUpstream, RecordedRequest, Reply, unused_base_url
+    from keel.testing.otlp import OtlpReceiver, ReceivedSpan
+    from keel.testing.tcp_proxy import TcpProxy
 
-__all__ = ["FakeUpstream", "RecordedRequest", "Reply"]
+__all__ = [
+    "FakeUpstream",
+    "OtlpReceiver",
+    "ReceivedSpan",
+    "RecordedRequest",
+    "Reply",
+    "TcpProxy",
+    "unused_base_url",
+]
+
+_MODULES = {
+    "FakeUpstream": "fake_upstream",
+    "RecordedRequest": "fake_upstream",
+    "Reply": "fake_upstream",
+    "unused_base_url": "fake_upstream",
+    "OtlpReceiver": "otlp",
+    "ReceivedSpan": "otlp",
+    "TcpProxy": "tcp_proxy",
+}
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use, so `python -m keel.testing.fake_upstream` does not load the module twice.
-    if name in __all__:
-        from keel.testing import fake_upstream
-
-        return getattr(fake_upstream, name)
+    if name in _MODULES:
+        return getattr(import_module(f"keel.testing.{_MODULES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,10 @@
 """A real HTTP server that speaks the OpenAI and Anthropic wire formats, scripted by tests and benchmarks.
 
 It runs its own event loop in a background thread, so sync tests, async tests and other threads can all
-use it. Replies are scripted with `Reply` (text, tool calls, errors, delays); every request is recorded.
+use it. Replies are scripted with `Reply` (text, tool calls, errors, delays) and it injects faults on
+command: status codes with or without Retry-After, added latency, never answering, a connection reset
+before the headers, a stream cut or stalled after K chunks, malformed JSON or SSE, Anthropic's 529.
+Script it per request (`responder`) or as a scenario queue (`enqueue`); every request is recorded.
 Run it alone for benchmarks: `python -m keel.testing.fake_upstream --port 8081`.
 """
 
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import re
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -18,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -65,6 +69,12 @@ class Reply:
     chunk_delay: float = 0.0  # seconds between streamed chunks
     stream_error: str | None = None  # stream the text, then this error event instead of finishing
     raw_stream: list[str] | None = None  # sent verbatim, piece by piece, as a streamed body
+    # Faults. "Pieces" are the SSE events of the stream, the opening one included.
+    hang: bool = False  # never answer (no status, no headers) until the client leaves
+    reset: bool = False  # drop the connection before the status line
+    cut_after: int | None = None  # stream this many pieces, then drop the connection (streams only)
+    stall_after: int | None = None  # stream this many pieces, then go silent for good (streams only)
+    malformed: Literal["json", "sse"] | None = None  # a chunk of broken JSON; a 200 body that is not SSE
 
     def finish(self) -> str:
         return self.finish_reason or ("tool_calls" if self.tool_calls else "stop")
@@ -109,6 +119,25 @@ def _split(text: str) -> list[str]:
     return [text[i : i + _ARGUMENT_PIECE] for i in range(0, len(text), _ARGUMENT_PIECE)]
 
 
+def unused_base_url(path: str = "/v1") -> str:
+    """A URL on 127.0.0.1 where nothing listens: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+    return f"http://{HOST}:{port}{path}"
+
+
+_BROKEN_JSON = b'{"id": "chatcmpl-fake", "choices": ['
+_NOT_SSE = b"<html><body><h1>502 Bad Gateway</h1></body></html>\n"
+
+
+def _malformed_stream(route: str) -> list[bytes]:
+    if route == "anthropic":
+        return [b'event: message_start\ndata: {"type": "message_start", "message": {"id": \n\n']
+    opening = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [{"index": 0}]}
+    return [b"data: " + orjson.dumps(opening) + b"\n\n", b'data: {"choices": [{"delta": {"content": "br\n\n']
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop  # the benchmark pushes thousands of requests a second through here
@@ -118,13 +147,24 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class FakeUpstream:
-    def __init__(self, port: int = 0, api_key: str | None = None, *, record: bool = True) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        api_key: str | None = None,
+        *,
+        record: bool = True,
+        keepalive_timeout: float = 75.0,  # idle connections are closed after this many seconds
+    ) -> None:
         self.port = port
+        self.keepalive_timeout = keepalive_timeout
         self.api_key = api_key
         self.default_reply = Reply()
         self.requests: list[RecordedRequest] = []  # not kept when record=False (long benchmarks)
         self._record = record
         self._replies: deque[Reply] = deque()
+        # Consulted when the queue is empty; None from it means `default_reply`. Runs on the fake's loop.
+        self.responder: Callable[[RecordedRequest], Reply | None] | None = None
+        self._in_flight = 0
         self._cancelled = 0
         self._cancelled_changed = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +186,7 @@ class FakeUpstream:
     def reset(self) -> None:
         """Forget requests, queued replies and cancellations; back to the stock default reply."""
         self.default_reply = Reply()
+        self.responder = None
         self.requests.clear()
         self._replies.clear()
         with self._cancelled_changed:
@@ -161,6 +202,17 @@ class FakeUpstream:
         """Block the calling thread until `n` streams in all were abandoned; False on timeout."""
         with self._cancelled_changed:
             return self._cancelled_changed.wait_for(lambda: self._cancelled >= n, timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now (a hung or stalled one stays until its client leaves)."""
+        with self._cancelled_changed:
+            return self._in_flight
+
+    def wait_until_idle(self, timeout: float = 2.0) -> bool:
+        """Block until no request is being answered; False on timeout."""
+        with self._cancelled_changed:
+            return self._cancelled_changed.wait_for(lambda: self._in_flight == 0, timeout)
 
     # -- lifecycle
 
@@ -205,7 +257,13 @@ class FakeUpstream:
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_get("/v1/models", self._models)
         # handler_cancellation: a client that leaves is noticed at once, even between chunks.
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=1.0,
+            keepalive_timeout=self.keepalive_timeout,
+        )
         await runner.setup()
         self._runner = runner
         await web.TCPSite(runner, HOST, self.port, backlog=4096).start()
@@ -223,10 +281,10 @@ class FakeUpstream:
     # -- routes
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, _openai_error, _openai_body, _openai_stream)
+        return await self._answer(request, "openai", _openai_error, _openai_body, _openai_stream)
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, _anthropic_error, _anthropic_body, _anthropic_stream)
+        return await self._answer(request, "anthropic", _anthropic_error, _anthropic_body, _anthropic_stream)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         self._keep(request, None)
@@ -247,6 +305,7 @@ class FakeUpstream:
     async def _answer(
         self,
         request: web.Request,
+        route: str,
         error: Callable[[Reply], web.Response],
         complete: Callable[[Reply, dict[str, Any], int], dict[str, Any]],
         stream: Callable[[Reply, dict[str, Any], int], list[bytes]],
@@ -256,56 +315,100 @@ class FakeUpstream:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
-        self._keep(request, body)
+        recorded = self._keep(request, body)
         if not self._authorized(request):
             return error(Reply(status=401, error_message="invalid api key"))
         if not isinstance(body, dict):
             return error(Reply(status=400, error_message="the body is not a JSON object"))
-        reply = self._replies.popleft() if self._replies else self.default_reply
+        reply = self._next_reply(request, recorded, body)
         input_tokens = reply.input_tokens if reply.input_tokens is not None else max(1, len(raw) // 4)
-        if not body.get("stream"):
-            if reply.delay:
-                await asyncio.sleep(reply.delay)
-            if reply.status != 200:
-                return error(reply)
-            return web.Response(
-                body=orjson.dumps(complete(reply, body, input_tokens)),
-                content_type="application/json",
-                headers=reply.headers,
-            )
+        self._count_in_flight(1)
         try:
-            if reply.delay:
-                await asyncio.sleep(reply.delay)
-            if reply.status != 200:
-                return error(reply)
-            if reply.raw_stream is not None:
-                pieces = [piece.encode() for piece in reply.raw_stream]
-            else:
-                pieces = stream(reply, body, input_tokens)
-            return await self._send(request, reply, pieces)
-        except (asyncio.CancelledError, ConnectionResetError):
-            with self._cancelled_changed:
-                self._cancelled += 1
-                self._cancelled_changed.notify_all()
-            raise
+            if not body.get("stream"):
+                await self._fault(request, reply)
+                if reply.status != 200:
+                    return error(reply)
+                if reply.malformed is not None:
+                    return web.Response(body=_BROKEN_JSON, content_type="application/json")
+                return web.Response(
+                    body=orjson.dumps(complete(reply, body, input_tokens)),
+                    content_type="application/json",
+                    headers=reply.headers,
+                )
+            try:
+                await self._fault(request, reply)
+                if reply.status != 200:
+                    return error(reply)
+                if reply.malformed == "sse":
+                    return web.Response(body=_NOT_SSE, content_type="text/html")
+                if reply.malformed == "json":
+                    pieces = _malformed_stream(route)
+                elif reply.raw_stream is not None:
+                    pieces = [piece.encode() for piece in reply.raw_stream]
+                else:
+                    pieces = stream(reply, body, input_tokens)
+                return await self._send(request, reply, pieces)
+            except (asyncio.CancelledError, ConnectionResetError):
+                if not (reply.reset or reply.cut_after is not None):  # not our own doing: the client left
+                    with self._cancelled_changed:
+                        self._cancelled += 1
+                        self._cancelled_changed.notify_all()
+                raise
+        finally:
+            self._count_in_flight(-1)
+
+    def _next_reply(self, request: web.Request, recorded: RecordedRequest | None, body: Any) -> Reply:
+        if self._replies:
+            return self._replies.popleft()
+        if self.responder is not None:
+            if recorded is None:
+                headers = {name.lower(): value for name, value in request.headers.items()}
+                recorded = RecordedRequest(request.method, request.path, headers, body)
+            scripted = self.responder(recorded)
+            if scripted is not None:
+                return scripted
+        return self.default_reply
+
+    def _count_in_flight(self, change: int) -> None:
+        with self._cancelled_changed:
+            self._in_flight += change
+            self._cancelled_changed.notify_all()
+
+    async def _fault(self, request: web.Request, reply: Reply) -> None:
+        """The faults that strike before the status line: latency, silence, a reset."""
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.reset:
+            _drop(request)
+        if reply.hang or reply.reset:
+            await asyncio.Event().wait()  # until the connection is gone and this handler cancelled
 
     async def _send(self, request: web.Request, reply: Reply, pieces: list[bytes]) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS | reply.headers)
         await response.prepare(request)
+        stop = min(x for x in (reply.cut_after, reply.stall_after, len(pieces)) if x is not None)
         if reply.chunk_delay:
-            for number, piece in enumerate(pieces):
+            for number, piece in enumerate(pieces[:stop]):
                 if number:
                     await asyncio.sleep(reply.chunk_delay)
                 await response.write(piece)
-        else:
-            await response.write(b"".join(pieces))  # one write: the fast path for benchmarks
+        elif stop:
+            await response.write(b"".join(pieces[:stop]))  # one write: the fast path for benchmarks
+        if reply.cut_after is not None and reply.cut_after <= stop:
+            _drop(request)
+            await asyncio.Event().wait()
+        if reply.stall_after is not None:
+            await asyncio.Event().wait()  # silent until the client gives up
         await response.write_eof()
         return response
 
-    def _keep(self, request: web.Request, body: Any) -> None:
-        if self._record:
-            headers = {name.lower(): value for name, value in request.headers.items()}
-            self.requests.append(RecordedRequest(request.method, request.path, headers, body))
+    def _keep(self, request: web.Request, body: Any) -> RecordedRequest | None:
+        if not self._record:
+            return None
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        recorded = RecordedRequest(request.method, request.path, headers, body)
+        self.requests.append(recorded)
+        return recorded
 
     def _authorized(self, request: web.Request) -> bool:
         if self.api_key is None:
@@ -315,6 +418,13 @@ class FakeUpstream:
             headers.get("x-api-key") == self.api_key
             or headers.get("authorization") == f"Bearer {self.api_key}"
         )
+
+
+def _drop(request: web.Request) -> None:
+    """Close the connection abruptly, as a crashed server or a proxy timeout would."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 # -- OpenAI Chat Completions

@@ -90,6 +90,15 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class PromptReference(_Strict):
+    """`{"name", "label"?, "version"?, "variables"?}`; with the header, `variables` alone is enough."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    label: str | None = Field(default=None, min_length=1, max_length=63)
+    version: int | None = Field(default=None, ge=1)
+    variables: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     model: str | None = None  # the default model when absent
@@ -107,6 +116,8 @@ class ChatCompletionRequest(_Strict):
     user: str | None = None
     # Keel's extension: the conversation this turn belongs to (or header X-Keel-Conversation-Id).
     conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
+    # Keel's extension: a registry prompt rendered before the messages (or header X-Keel-Prompt).
+    prompt: PromptReference | None = None
 
 
 # --- responses ------------------------------------------------------------------------------------

@@ -17,12 +17,15 @@ from keel.errors import InvalidRequestError, KeelError
 from keel.gateway.chat.protocol import ChatCompletionRequest, ChunkWriter, completion_json
 from keel.gateway.chat.service import OpenedChat
 from keel.gateway.deps import ChatServiceDep, PrincipalDep
+from keel.gateway.disconnect import cancel_on_disconnect
 from keel.llm import ChatResult, Finish, TextDelta, ToolCallDelta, Usage
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 CONVERSATION_HEADER = "x-keel-conversation-id"
+TIMEOUT_HEADER = "x-keel-timeout"  # seconds: shortens the model alias's total deadline
+PROMPT_HEADER = "x-keel-prompt"  # NAME, NAME@LABEL or NAME@VERSION of a registry prompt
 
 
 @router.post("/v1/chat/completions")
@@ -31,8 +34,17 @@ async def create_chat_completion(
 ) -> Response:
     body = parse_body(await request.body())
     request_id: str = request.state.request_id
-    opened = await service.open(
-        principal, body, request_id, request.headers.get(CONVERSATION_HEADER), request.state.received
+    opened = await cancel_on_disconnect(  # the client leaving cancels retries and backoff at once
+        request,
+        service.open(
+            principal,
+            body,
+            request_id,
+            request.headers.get(CONVERSATION_HEADER),
+            request.state.received,
+            timeout_header=request.headers.get(TIMEOUT_HEADER),
+            prompt_header=request.headers.get(PROMPT_HEADER),
+        ),
     )
     headers = opened.headers
     if opened.conversation_id is not None:
@@ -43,17 +55,22 @@ async def create_chat_completion(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(completion_id, created, opened.model, include_usage)
         return EventStream(opened, writer, headers | {"cache-control": "no-cache"})
+    result = await cancel_on_disconnect(request, collect(opened))
+    return Response(
+        orjson.dumps(completion_json(completion_id, created, opened.model, result)),
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def collect(opened: OpenedChat) -> ChatResult:
     result = ChatResult()
     try:
         async for event in opened.events():
             result.add(event)
     finally:
         await opened.aclose()
-    return Response(
-        orjson.dumps(completion_json(completion_id, created, opened.model, result)),
-        media_type="application/json",
-        headers=headers,
-    )
+    return result
 
 
 class EventStream(StreamingResponse):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -10,8 +12,9 @@ from opentelemetry.trace import NoOpTracer, Tracer
 
 from keel.errors import InvalidRequestError, RateLimitError
 from keel.gateway.chat.protocol import ChatCompletionRequest
-from keel.llm import ChatEvent, ChatRequest, Usage
+from keel.llm import CallTrace, ChatEvent, ChatRequest, Usage
 from keel.pipeline import ChatCall, ChatPipeline
+from keel.prompts.reference import prompt_reference
 from keel.ratelimit import Lease, RateLimiter
 from keel.settings import Settings
 from keel.telemetry.metrics import Metrics
@@ -84,6 +87,7 @@ class ChatService:
         self._metrics = metrics
         self._tiers = settings.tiers
         self._default_model = settings.default_model
+        self._model_configs = settings.models
         self._default_completion = settings.default_completion_tokens_estimate
 
     async def open(
@@ -93,6 +97,9 @@ class ChatService:
         request_id: str,
         conversation_id: str | None,
         received: float = 0.0,
+        *,
+        timeout_header: str | None = None,
+        prompt_header: str | None = None,
     ) -> OpenedChat:
         """Everything up to the model's first event, so failures there still get a proper HTTP status."""
         request = to_chat_request(body, self._default_model)
@@ -102,6 +109,8 @@ class ChatService:
                 "conversation_id must be 1-128 characters of letters, digits and . _ : -",
                 param="conversation_id",
             )
+        prompt = prompt_reference(body.prompt.model_dump() if body.prompt else None, prompt_header)
+        request.trace.deadline = self._deadline(request.model, timeout_header)
         lease = None
         headers: dict[str, str] = {}
         if self._limiter is not None:
@@ -122,6 +131,7 @@ class ChatService:
             principal.tenant_id,
             request,
             conversation_id,
+            prompt=prompt,
             received=received,
             audit_content=principal.audit_content,
             model_named=body.model is not None,
@@ -135,7 +145,40 @@ class ChatService:
                 await lease.settle(0)
                 await lease.release()
             raise
-        return OpenedChat(first, events, lease, headers, request.model, conversation_id)
+        answered = request.trace.answered_by or request.model
+        headers |= model_headers(request.trace, answered)
+        return OpenedChat(first, events, lease, headers, answered, conversation_id)
+
+    def _deadline(self, alias: str, header: str | None) -> float | None:
+        """time.monotonic() by which the model call must end: the alias's total timeout, or the client's
+        `X-Keel-Timeout` when shorter."""
+        config = self._model_configs.get(alias)
+        seconds = config.timeout if config is not None else None
+        if header is not None:
+            asked = parse_timeout(header)
+            seconds = asked if seconds is None else min(seconds, asked)
+        return None if seconds is None else time.monotonic() + seconds
+
+
+def parse_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidRequestError(
+            f"X-Keel-Timeout must be a positive number of seconds, not {value[:40]!r}.",
+            code="invalid_timeout",
+        )
+    return seconds
+
+
+def model_headers(trace: CallTrace, answered: str) -> dict[str, str]:
+    """Which model answered and how: known when the first event arrives, which is when headers go."""
+    headers = {"x-keel-model": answered, "x-keel-attempts": str(max(1, len(trace.attempts)))}
+    if trace.fallback:
+        headers["x-keel-fallback"] = "1"
+    return headers
 
 
 def _limit_kinds(error: RateLimitError) -> list[str]:
