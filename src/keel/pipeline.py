@@ -231,8 +231,9 @@ class ChatPipeline:
         outcome.trace_id = trace_id_hex(get_current_span(parent))
         model_span = self._tracer.start_span("model.call", context=parent)
         outcome.model_started = time.perf_counter()
+        events = model.stream(sent)
         try:
-            async for event in model.stream(sent):
+            async for event in events:
                 if outcome.first_event is None:
                     outcome.first_event = time.perf_counter()
                 outcome.result.add(event)
@@ -241,6 +242,11 @@ class ChatPipeline:
             outcome.error = exc
             raise
         finally:
+            # Close the model's stream first (a client that left mid-stream): its attempts finish their
+            # bookkeeping before we record them.
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
             outcome.finished = time.perf_counter()
             stages["model.call"] = _ms(outcome.finished - outcome.model_started)
             if not sent.trace.attempts:  # no resilience wrapper reported: the call itself was the attempt

@@ -55,6 +55,11 @@ class ModelRegistry:
                 code="model_not_found",
             ) from None
 
+    def providers(self, alias: str) -> list[ChatModel]:
+        """The bare providers behind an alias (one per deployment), without the resilience wrappers."""
+        self.get(alias)  # unknown alias: the same 404
+        return self.stacks.providers_by_alias.get(alias, [])
+
     def info(self) -> list[ModelInfo]:
         return [
             ModelInfo(alias, config.provider, config.model or alias)

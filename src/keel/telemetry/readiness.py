@@ -78,13 +78,10 @@ class Readiness:
         return result
 
     async def _local(self, alias: str) -> Check:
-        model: Any = self._models.get(alias)
-        for _ in range(8):  # through any wrappers (retry, breaker, ...) to the provider itself
-            if hasattr(model, "loaded") or not hasattr(model, "inner"):
-                break
-            model = model.inner
-        if getattr(model, "loaded", True) is False:
-            return Check(False, f"local model not loaded: {getattr(model, 'unavailable_reason', 'unknown')}")
+        for model in self._models.providers(alias):
+            if getattr(model, "loaded", True) is False:
+                reason = getattr(model, "unavailable_reason", "unknown")
+                return Check(False, f"local model not loaded: {reason}")
         return Check(True, "loaded")
 
     async def _remote(self, config: ModelConfig) -> Check:

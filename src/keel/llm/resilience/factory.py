@@ -39,6 +39,7 @@ ProviderFactory = Callable[[str, ModelConfig], ChatModel]  # (alias, the deploym
 class ModelStacks:
     models: dict[str, ChatModel]  # alias → its whole stack
     providers: list[ChatModel] = field(default_factory=list)
+    providers_by_alias: dict[str, list[ChatModel]] = field(default_factory=dict)  # the bare providers
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)  # by deployment name
     shared: SharedBreakers | None = None
 
@@ -71,6 +72,7 @@ def build_stacks(
         for name, deployment, resolved in config.deployment_configs(alias):
             provider = make_provider(alias, resolved)
             stacks.providers.append(provider)
+            stacks.providers_by_alias.setdefault(alias, []).append(provider)
             upstream = resolved.model or alias
             model: ChatModel = AttemptTimeouts(
                 provider,
