@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+
+from keel.testing._background import BackgroundServer
 
 HOST = "127.0.0.1"
 MODEL_IDS = ("fake-gpt", "fake-claude")
@@ -146,7 +148,12 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-class FakeUpstream:
+class FakeUpstream(BackgroundServer):
+    thread_name = "fake-upstream"
+
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        return _new_loop()
+
     def __init__(
         self,
         port: int = 0,
@@ -155,6 +162,7 @@ class FakeUpstream:
         record: bool = True,
         keepalive_timeout: float = 75.0,  # idle connections are closed after this many seconds
     ) -> None:
+        super().__init__()
         self.port = port
         self.keepalive_timeout = keepalive_timeout
         self.api_key = api_key
@@ -167,8 +175,6 @@ class FakeUpstream:
         self._in_flight = 0
         self._cancelled = 0
         self._cancelled_changed = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
 
     @property
@@ -215,41 +221,6 @@ class FakeUpstream:
             return self._cancelled_changed.wait_for(lambda: self._in_flight == 0, timeout)
 
     # -- lifecycle
-
-    def start(self) -> FakeUpstream:
-        if self._loop is not None:
-            raise RuntimeError("FakeUpstream is already running")
-        self._loop = _new_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-upstream", daemon=True)
-        self._thread.start()
-        try:
-            self._call(self._serve())
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._call(self._shutdown())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-            self._loop = self._thread = None
-
-    def __enter__(self) -> FakeUpstream:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _call(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     async def _serve(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -7,10 +7,9 @@ the protobuf encoding the OTel exporter sends (gzip-compressed or not), and keep
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from keel.testing._background import BackgroundServer
 
 HOST = "127.0.0.1"
 PROTOBUF = "application/x-protobuf"
@@ -86,14 +87,15 @@ def _spans(request: ExportTraceServiceRequest) -> list[ReceivedSpan]:
     return spans
 
 
-class OtlpReceiver:
+class OtlpReceiver(BackgroundServer):
+    thread_name = "otlp-receiver"
+
     def __init__(self, port: int = 0) -> None:
+        super().__init__()
         self.port = port
         self.exports = 0  # export requests accepted
         self._spans: list[ReceivedSpan] = []
         self._changed = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
 
     @property
@@ -133,41 +135,6 @@ class OtlpReceiver:
             self.exports = 0
 
     # -- lifecycle
-
-    def start(self) -> OtlpReceiver:
-        if self._loop is not None:
-            raise RuntimeError("OtlpReceiver is already running")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="otlp-receiver", daemon=True)
-        self._thread.start()
-        try:
-            self._call(self._serve())
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._call(self._shutdown())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-            self._loop = self._thread = None
-
-    def __enter__(self) -> OtlpReceiver:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _call(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     async def _serve(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from keel.testing._background import BackgroundServer
 
 HOST = "127.0.0.1"
 _CHUNK = 64 * 1024
@@ -20,15 +20,16 @@ _CHUNK = 64 * 1024
 T = TypeVar("T")
 
 
-class TcpProxy:
+class TcpProxy(BackgroundServer):
+    thread_name = "tcp-proxy"
+
     def __init__(self, target_host: str, target_port: int, *, port: int = 0) -> None:
+        super().__init__()
         self.target = (target_host, target_port)
         self.port = port
         self.refused = 0  # connections turned away while cut
         self._cut = False
         self._open: set[asyncio.StreamWriter] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
 
     @property
@@ -52,43 +53,6 @@ class TcpProxy:
         self._run(self._restore())
 
     # -- lifecycle
-
-    def start(self) -> TcpProxy:
-        if self._loop is not None:
-            raise RuntimeError("TcpProxy is already running")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
-        self._thread.start()
-        try:
-            self._run(self._serve())
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._run(self._shutdown())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-            self._loop = self._thread = None
-
-    def __enter__(self) -> TcpProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if self._loop is None:
-            coroutine.close()
-            raise RuntimeError("TcpProxy is not running")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     async def _serve(self) -> None:
         self._server = await asyncio.start_server(self._accept, HOST, self.port)
