@@ -297,11 +297,7 @@ def canary_status(
     name: str, label: Label = "production", tenant: Tenant = "default", as_json: AsJson = False
 ) -> None:
     """Canary against baseline: requests, errors, latency, tokens, feedback, significance, pauses."""
-    found = run(tenant, lambda registry, tenant_id: registry.status(tenant_id, name, label))
-    if as_json:
-        _echo_json(found)
-    else:
-        show_status(found)
+    experiment_status(name, label, tenant, as_json)  # a canary is an experiment: the same report
 
 
 @canary_app.command("promote")
