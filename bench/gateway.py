@@ -7,7 +7,8 @@ points at the fake, and this process, the load generator (aiohttp, a pre-opened 
 Keel's latency minus the direct one at the same percentile. Warm-up requests are not counted.
 
     .venv/bin/python bench/gateway.py                     # streaming and not, concurrency 1 and 32
-    .venv/bin/python bench/gateway.py -n 5000 -c 1,8,32 --stream --log-levels INFO,WARNING
+    .venv/bin/python bench/gateway.py -n 5000 -c 1,8,32 --stream --rounds 3 --log-levels INFO,WARNING
+    .venv/bin/python bench/gateway.py --keel-env KEEL_AUDIT_ENABLED=false   # any Keel setting
 
 A benchmark, not a test: results go into docs/performance.md by hand.
 """

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from keel.errors import InvalidRequestError, KeelError
+from keel.errors import ClientDisconnectedError, InvalidRequestError, KeelError
 from keel.gateway.chat.protocol import ChatCompletionRequest, ChunkWriter, completion_json
 from keel.gateway.chat.service import OpenedChat
 from keel.gateway.deps import ChatServiceDep, PrincipalDep
@@ -35,7 +35,7 @@ async def create_chat_completion(
     body = parse_body(await request.body())
     request_id: str = request.state.request_id
     opened = await cancel_on_disconnect(  # the client leaving cancels retries and backoff at once
-        request,
+        request.receive,
         service.open(
             principal,
             body,
@@ -55,7 +55,7 @@ async def create_chat_completion(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(completion_id, created, opened.model, include_usage)
         return EventStream(opened, writer, headers | {"cache-control": "no-cache"})
-    result = await cancel_on_disconnect(request, collect(opened))
+    result = await cancel_on_disconnect(request.receive, collect(opened))
     return Response(
         orjson.dumps(completion_json(completion_id, created, opened.model, result)),
         media_type="application/json",
@@ -82,7 +82,9 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await cancel_on_disconnect(receive, self.stream_response(send))
+        except ClientDisconnectedError:
+            pass  # the stream was cancelled: nobody is left to tell
         finally:
             await self._opened.aclose()
 
