@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +22,6 @@ def _get(keel: KeelServer, key: str, conversation_id: str) -> httpx.Response:
 
 
 def _wait_for_turns(keel: KeelServer, key: str, conversation_id: str, count: int) -> list[dict[str, Any]]:
-    import time
-
     deadline = time.monotonic() + 5
     while True:
         messages: list[dict[str, Any]] = _get(keel, key, conversation_id).json().get("messages", [])
@@ -123,3 +122,58 @@ def test_other_tenants_cannot_see_or_extend_a_conversation(
     )
     assert fake.requests[-1].body["messages"] == [{"role": "user", "content": "hello"}]
     assert _wait_for_turns(keel, tenant.chat_key, conversation, 2)[0]["content"] == "secret of tenant A"
+
+
+def test_next_turn_sees_the_previous_reply_even_while_its_write_waits(
+    client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream, database_url: str
+) -> None:
+    """A fast client's next turn must not miss the answer it just got, though replies are written later."""
+    import asyncio
+    import threading
+
+    import asyncpg
+
+    conversation = f"conv-{uuid.uuid4().hex[:8]}"
+    fake.enqueue(Reply(text="First answer.", delay=0.5), Reply(text="Second answer."))
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_share_lock() -> None:
+        async def go() -> None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                async with conn.transaction():
+                    # SHARE blocks INSERTs (the queued reply) but not SELECTs (loading the history).
+                    await conn.execute("LOCK TABLE conversation_messages IN SHARE MODE")
+                    locked.set()
+                    await asyncio.to_thread(release.wait, 10)
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
+    def release_soon() -> None:
+        time.sleep(1.0)
+        release.set()
+
+    first = threading.Thread(
+        target=lambda: client.chat.completions.create(
+            model="fake",
+            messages=[{"role": "user", "content": "one"}],
+            extra_body={"conversation_id": conversation},
+        )
+    )
+    first.start()
+    while not fake.requests or fake.requests[-1].body["messages"][-1]["content"] != "one":
+        time.sleep(0.01)
+    locker = threading.Thread(target=hold_share_lock)
+    locker.start()
+    assert locked.wait(10)
+    first.join(30)  # answered; its reply is queued behind the lock
+    threading.Thread(target=release_soon).start()
+    client.chat.completions.create(
+        model="fake",
+        messages=[{"role": "user", "content": "two"}],
+        extra_body={"conversation_id": conversation},
+    )
+    locker.join(30)
+    assert [m["content"] for m in fake.requests[-1].body["messages"]] == ["one", "First answer.", "two"]

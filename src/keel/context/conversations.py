@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 
+MAX_TRACKED = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class Conversation:
@@ -43,11 +45,20 @@ class ConversationStore:
         self._engine = engine
         self._writes = writes
         self._direct: set[asyncio.Task[None]] = set()
+        # Conversations whose last reply this process queued: the next turn waits for it to be written,
+        # so a fast client never sends its next message into a history that lacks the previous answer.
+        self._queued: set[tuple[uuid.UUID, str]] = set()
 
     async def begin_turn(
         self, tenant_id: uuid.UUID, conversation_id: str, new: list[Message], request_id: str
     ) -> list[Message]:
         """Load the prior turns and durably store the new ones, in one transaction, before the model runs."""
+        key = (tenant_id, conversation_id)
+        if key in self._queued:
+            self._queued.discard(key)
+            if len(self._writes):
+                await self._writes.flush()
+            await self.drain()
         async with self._engine.begin() as conn:
             await conn.execute(
                 insert(conversations)
@@ -69,6 +80,9 @@ class ConversationStore:
     ) -> None:
         """Store a reply off the critical path; never dropped: a full queue falls back to a direct write."""
         row = self._row(tenant_id, conversation_id, message, request_id)
+        if len(self._queued) >= MAX_TRACKED:
+            self._queued.clear()  # bounded; the writes behind old entries are long done
+        self._queued.add((tenant_id, conversation_id))
         if not self._writes.put(conversation_messages, row):
             task = asyncio.create_task(self._write_direct(row))
             self._direct.add(task)
