@@ -5,22 +5,17 @@ after its listening connection was killed (as a database restart does)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import openai
 import pytest
 
 from keel.prompts.invalidation import APPLICATION_NAME, asyncpg_dsn
-from keel.testing import FakeUpstream
+from keel.testing import FakeUpstream, KeelProcess
 from keel.testing.server import KeelServer
 
 WITHIN = 1.0  # seconds
@@ -198,45 +193,15 @@ def test_a_label_move_reaches_a_separate_keel_os_process_within_a_second(
     tmp_path: Path,
 ) -> None:
     """The same as above with the reader a real `keel serve` process of its own."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     config = tmp_path / "keel.toml"
     config.write_text(
         f'default_model = "fake"\n[models.fake]\nprovider = "openai"\nbase_url = "{fake.openai_base_url}"\n'
     )
-    env = {
-        **os.environ,
-        "KEEL_DATABASE_URL": database_url,
-        "KEEL_DATA_DIR": str(tmp_path),
-        "KEEL_PORT": str(port),
-        "KEEL_CONFIG": str(config),
-        "KEEL_LOG_LEVEL": "WARNING",
-    }
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "keel", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=log
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "keel serve did not start"
-            time.sleep(0.1)
+    env = {"KEEL_DATABASE_URL": database_url, "KEEL_CONFIG": str(config), "KEEL_LOG_LEVEL": "WARNING"}
+    with KeelProcess(tmp_path, env) as server:
         writer = make_admin(keel, tenant.admin_key)
         writer.push(spec(prompt_name, template="One for {{ company }}.", labels=["production"]))
         writer.push(spec(prompt_name, template="Two for {{ company }}."))
-        with openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key=tenant.chat_key, max_retries=0
-        ) as reader:
+        with openai.OpenAI(base_url=server.base_url, api_key=tenant.chat_key, max_retries=0) as reader:
             took = _check_propagation(database_url, writer, reader, fake, tenant.tenant_id, prompt_name)
         assert took < WITHIN
-    finally:
-        server.terminate()
-        server.wait(30)
-        log.close()

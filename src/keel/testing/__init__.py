@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FakeUpstream",
+    "KeelProcess",
     "OtlpReceiver",
     "ReceivedSpan",
     "RecordedRequest",
@@ -29,6 +30,7 @@ _MODULES = {
     "OtlpReceiver": "otlp",
     "ReceivedSpan": "otlp",
     "TcpProxy": "tcp_proxy",
+    "KeelProcess": "process",
 }
 
 
