@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +47,30 @@ def database_url() -> Iterator[str]:
         )
     yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def keel_cli(database_url: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The `keel` command as users run it, on the session's database; `tmp_path` is its data directory,
+    and `tmp_path/keel.toml`, once a test writes it, its config file."""
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KEEL_DATABASE_URL": database_url, "KEEL_DATA_DIR": str(tmp_path)}
+        if (tmp_path / "keel.toml").exists():
+            env["KEEL_CONFIG"] = str(tmp_path / "keel.toml")
+        done = subprocess.run(
+            [sys.executable, "-m", "keel", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from keel.testing.server import KeelServer
-
-
-@pytest.fixture
-def keel_cli(database_url: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    env = {**os.environ, "KEEL_DATABASE_URL": database_url, "KEEL_DATA_DIR": str(tmp_path)}
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "keel", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    return run
 
 
 def test_tenants_and_keys_lifecycle(

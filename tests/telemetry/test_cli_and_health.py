@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -17,23 +15,6 @@ import openai
 from keel.settings import ModelConfig
 from keel.testing import FakeUpstream, Reply
 from keel.testing.server import KeelServer
-
-
-def _keel(database_url: str, data_dir: Path, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "KEEL_DATABASE_URL": database_url,
-        "KEEL_DATA_DIR": str(data_dir),
-        "KEEL_CONFIG": str(config),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "keel", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def _wait_recorded(keel: KeelServer, key: str, request_id: str) -> None:
@@ -53,8 +34,8 @@ def test_replay_and_prune_from_the_cli(
     keel: KeelServer,
     tenant: Any,
     fake: FakeUpstream,
-    database_url: str,
     tmp_path: Path,
+    keel_cli: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
     config = tmp_path / "keel.toml"
     config.write_text(f'[models.fake]\nprovider = "openai"\nbase_url = "{fake.openai_base_url}"\n')
@@ -68,7 +49,7 @@ def test_replay_and_prune_from_the_cli(
     _wait_recorded(keel, tenant.admin_key, request_id)
 
     fake.enqueue(Reply(text="the replayed reply"))
-    done = _keel(database_url, tmp_path, config, "replay", request_id)
+    done = keel_cli("replay", request_id)
     assert done.returncode == 0, done.stderr
     assert "the original reply" in done.stdout
     assert "the replayed reply" in done.stdout
@@ -81,11 +62,11 @@ def test_replay_and_prune_from_the_cli(
     ).json()
     assert any(r["replay_of"] == request_id for r in listing["data"])  # recorded, linked
 
-    missing = _keel(database_url, tmp_path, config, "replay", "no-such-request")
+    missing = keel_cli("replay", "no-such-request", check=False)
     assert missing.returncode == 1
     assert "no recorded request" in missing.stderr
 
-    pruned = _keel(database_url, tmp_path, config, "audit", "prune", "--older-than", "0")
+    pruned = keel_cli("audit", "prune", "--older-than", "0")
     assert pruned.returncode == 0, pruned.stderr
     assert "removed" in pruned.stdout
     gone = httpx.get(
@@ -95,26 +76,16 @@ def test_replay_and_prune_from_the_cli(
 
 
 def test_tenants_update_switches_audit_content(
-    make_tenant: Callable[..., Any], database_url: str, tmp_path: Path
+    make_tenant: Callable[..., Any], tmp_path: Path, keel_cli: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:
     config = tmp_path / "keel.toml"
     config.write_text("")
     name = make_tenant().name
-    done = _keel(database_url, tmp_path, config, "tenants", "update", name, "--no-audit-content")
+    done = keel_cli("tenants", "update", name, "--no-audit-content")
     assert done.returncode == 0, done.stderr
     assert "metadata only" in done.stdout
-    assert (
-        _keel(
-            database_url,
-            tmp_path,
-            config,
-            "tenants",
-            "update",
-            "nobody-" + uuid.uuid4().hex[:6],
-            "--audit-content",
-        ).returncode
-        == 1
-    )
+    unknown = keel_cli("tenants", "update", "nobody-" + uuid.uuid4().hex[:6], "--audit-content", check=False)
+    assert unknown.returncode == 1
 
 
 def test_health_and_readiness(start_keel: Callable[..., KeelServer], fake: FakeUpstream) -> None:
