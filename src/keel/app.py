@@ -9,12 +9,13 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from fastapi import FastAPI
 from prometheus_client import start_http_server
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from keel import __version__
@@ -24,7 +25,7 @@ from keel.gateway import Components, GatewayMiddleware
 from keel.gateway import errors as error_handlers
 from keel.gateway.audit_routes import router as audit_router
 from keel.gateway.auth import Authenticator
-from keel.gateway.chat.router import router as chat_router
+from keel.gateway.chat.router import chat_route
 from keel.gateway.chat.service import ChatService
 from keel.gateway.prompts_routes import router as prompts_router
 from keel.gateway.routes import metrics as metrics_route
@@ -59,34 +60,42 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     error_handlers.install(app)
-    app.include_router(chat_router)
+    cors = _cors(settings)
+    chat = chat_route([Middleware(CORSMiddleware, **cors)] if cors else [])
+    app.router.routes.append(chat)  # served by GatewayMiddleware as a hot route; here for its 405
     app.include_router(small_routes)
     app.include_router(audit_router)
     app.include_router(prompts_router)
     if settings.metrics_enabled and settings.metrics_port is None:
         app.add_api_route("/metrics", metrics_route, methods=["GET"], include_in_schema=False)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["*"],
-            expose_headers=[
-                "x-request-id",
-                "x-keel-conversation-id",
-                "retry-after",
-                "x-keel-model",
-                "x-keel-attempts",
-                "x-keel-fallback",
-            ],
-        )
+    if cors:
+        app.add_middleware(CORSMiddleware, **cors)
     app.add_middleware(
         GatewayMiddleware,
         max_body_bytes=settings.max_body_bytes,
         tracer=telemetry.tracing.tracer,
         metrics=telemetry.metrics,
+        hot_routes=[chat],
     )
     return app
+
+
+def _cors(settings: Settings) -> dict[str, Any] | None:
+    if not settings.cors_origins:
+        return None
+    return {
+        "allow_origins": settings.cors_origins,
+        "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
+        "allow_headers": ["*"],
+        "expose_headers": [
+            "x-request-id",
+            "x-keel-conversation-id",
+            "retry-after",
+            "x-keel-model",
+            "x-keel-attempts",
+            "x-keel-fallback",
+        ],
+    }
 
 
 class Telemetry:

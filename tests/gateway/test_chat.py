@@ -186,7 +186,7 @@ def test_default_model_is_used_when_none_is_named(keel: KeelServer, tenant: Any)
     assert response.json()["model"] == "fake"
 
 
-def test_cors_preflight_for_configured_origins(start_keel: Any) -> None:
+def test_cors_preflight_and_answers_for_configured_origins(start_keel: Any, tenant: Any) -> None:
     server = start_keel(cors_origins=["https://app.example"])
     preflight = httpx.options(
         f"{server.base_url}/chat/completions",
@@ -203,3 +203,11 @@ def test_cors_preflight_for_configured_origins(start_keel: Any) -> None:
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in other.headers
+    answer = httpx.post(
+        f"{server.base_url}/chat/completions",
+        headers={"Origin": "https://app.example", "Authorization": f"Bearer {tenant.chat_key}"},
+        json={"messages": [{"role": "user", "content": "Hi"}]},
+    )
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in answer.headers["access-control-expose-headers"]

@@ -64,10 +64,3 @@ async def admin_principal(who: Annotated[Principal, Depends(principal)]) -> Prin
 PrincipalDep = Annotated[Principal, Depends(principal)]
 AdminDep = Annotated[Principal, Depends(admin_principal)]
 ComponentsDep = Annotated[Components, Depends(components)]
-
-
-async def chat_service(request: Request) -> ChatService:
-    return _components(request).chat
-
-
-ChatServiceDep = Annotated[ChatService, Depends(chat_service)]

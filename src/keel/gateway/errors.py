@@ -37,11 +37,58 @@ def _envelope(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-async def keel_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, KeelError)
+def keel_error_response(exc: KeelError) -> Response:
     if exc.status >= 500:
         log.warning("request failed: %s", exc.message, extra={"status": exc.status, "error_type": exc.type})
     return error_response(exc.status, exc.envelope(), exc.headers)
+
+
+def database_unavailable_response(exc: Exception) -> Response:
+    """The database is away (restart, failover, network): a retryable 503, not a 500."""
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return error_response(
+        503,
+        _envelope(
+            "The database is unavailable; retry shortly.", "service_unavailable", code="database_unavailable"
+        ),
+        {"Retry-After": "1"},
+    )
+
+
+def dependency_unavailable_response(exc: Exception) -> Response:
+    log.warning("a dependency is unreachable: %r", exc)
+    return error_response(
+        503,
+        _envelope("A service Keel depends on is unreachable; retry shortly.", "service_unavailable"),
+        {"Retry-After": "1"},
+    )
+
+
+def unexpected_error_response(request_id: str) -> Response:
+    """Call inside the `except` block: the traceback goes to the log, never to the client."""
+    log.exception("unhandled error")
+    return error_response(
+        500,
+        _envelope(f"Internal error; quote request id {request_id} when reporting it.", "server_error"),
+        {"x-request-id": request_id},
+    )
+
+
+def response_for(exc: Exception, request_id: str) -> Response:
+    """What the handlers installed below answer, for routes that are plain ASGI apps (no FastAPI
+    exception middleware around them). Call inside the `except` block."""
+    if isinstance(exc, KeelError):
+        return keel_error_response(exc)
+    if isinstance(exc, DBAPIError):
+        return database_unavailable_response(exc)
+    if isinstance(exc, OSError):
+        return dependency_unavailable_response(exc)
+    return unexpected_error_response(request_id)
+
+
+async def keel_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, KeelError)
+    return keel_error_response(exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -69,34 +116,15 @@ async def validation_error(request: Request, exc: Exception) -> Response:
 
 
 async def database_unavailable(request: Request, exc: Exception) -> Response:
-    """The database is away (restart, failover, network): a retryable 503, not a 500."""
-    log.warning("database unavailable: %s", type(exc).__name__)
-    return error_response(
-        503,
-        _envelope(
-            "The database is unavailable; retry shortly.", "service_unavailable", code="database_unavailable"
-        ),
-        {"Retry-After": "1"},
-    )
+    return database_unavailable_response(exc)
 
 
 async def dependency_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("a dependency is unreachable: %r", exc)
-    return error_response(
-        503,
-        _envelope("A service Keel depends on is unreachable; retry shortly.", "service_unavailable"),
-        {"Retry-After": "1"},
-    )
+    return dependency_unavailable_response(exc)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    request_id = getattr(request.state, "request_id", "")
-    log.exception("unhandled error")
-    return error_response(
-        500,
-        _envelope(f"Internal error; quote request id {request_id} when reporting it.", "server_error"),
-        {"x-request-id": request_id},
-    )
+    return unexpected_error_response(getattr(request.state, "request_id", ""))
 
 
 def install(app: FastAPI) -> None:

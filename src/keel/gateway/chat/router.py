@@ -1,66 +1,135 @@
-"""POST /v1/chat/completions: validate, call the service, answer JSON or SSE."""
+"""POST /v1/chat/completions: validate, call the service, answer JSON or SSE.
+
+A plain ASGI app on a Starlette `Route`, not a FastAPI endpoint: this is the hot path, and FastAPI's
+request wrapping, dependency resolution and response classes cost more than everything Keel itself does
+for a request (docs/performance.md). What FastAPI would do here is done by hand: the API key is checked
+like `deps.principal`, errors answer through `errors.response_for` like the installed handlers.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 
 import orjson
-from fastapi import APIRouter, Request
 from pydantic import ValidationError
-from starlette.responses import Response, StreamingResponse
+from starlette.middleware import Middleware
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from keel.errors import ClientDisconnectedError, InvalidRequestError, KeelError
 from keel.gateway.chat.protocol import ChatCompletionRequest, ChunkWriter, completion_json
 from keel.gateway.chat.service import OpenedChat
-from keel.gateway.deps import ChatServiceDep, PrincipalDep
+from keel.gateway.deps import Components
 from keel.gateway.disconnect import cancel_on_disconnect
+from keel.gateway.errors import response_for
 from keel.llm import ChatResult, Finish, TextDelta, ToolCallDelta, Usage
+from keel.telemetry import tenant_var
 
 log = logging.getLogger(__name__)
-router = APIRouter()
 
 CONVERSATION_HEADER = "x-keel-conversation-id"
 TIMEOUT_HEADER = "x-keel-timeout"  # seconds: shortens the model alias's total deadline
 PROMPT_HEADER = "x-keel-prompt"  # NAME, NAME@LABEL or NAME@VERSION of a registry prompt
 
+# The request headers this route reads, by their raw (lowercase) ASGI names.
+_READ = {
+    b"authorization": "authorization",
+    b"x-api-key": "x-api-key",
+    b"x-keel-conversation-id": CONVERSATION_HEADER,
+    b"x-keel-timeout": TIMEOUT_HEADER,
+    b"x-keel-prompt": PROMPT_HEADER,
+}
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_DONE = b"data: [DONE]\n\n"
 
-@router.post("/v1/chat/completions")
-async def create_chat_completion(
-    request: Request, principal: PrincipalDep, service: ChatServiceDep
-) -> Response:
-    body = parse_body(await request.body())
-    request_id: str = request.state.request_id
-    opened = await cancel_on_disconnect(  # the client leaving cancels retries and backoff at once
-        request.receive,
-        service.open(
-            principal,
-            body,
-            request_id,
-            request.headers.get(CONVERSATION_HEADER),
-            request.state.received,
-            timeout_header=request.headers.get(TIMEOUT_HEADER),
-            prompt_header=request.headers.get(PROMPT_HEADER),
-        ),
-    )
-    headers = opened.headers
-    if opened.conversation_id is not None:
-        headers[CONVERSATION_HEADER] = opened.conversation_id
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = ChunkWriter(completion_id, created, opened.model, include_usage)
-        return EventStream(opened, writer, headers | {"cache-control": "no-cache"})
-    result = await cancel_on_disconnect(request.receive, collect(opened))
-    return Response(
-        orjson.dumps(completion_json(completion_id, created, opened.model, result)),
-        media_type="application/json",
-        headers=headers,
-    )
+
+class ChatCompletions:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["state"]
+        request_id: str = state["request_id"]
+        try:
+            keel: Components = scope["app"].state.keel
+            headers: dict[str, str] = {}
+            for name, value in scope["headers"]:
+                wanted = _READ.get(name)
+                if wanted is not None:
+                    headers[wanted] = value.decode("latin-1")
+            principal = await keel.authenticator.authenticate(
+                headers.get("authorization"), headers.get("x-api-key")
+            )
+            tenant_var.set(principal.tenant)
+            body = parse_body(await read_body(receive))
+            # The client leaving cancels retries, backoff and the upstream call at once.
+            opened = await cancel_on_disconnect(
+                receive,
+                keel.chat.open(
+                    principal,
+                    body,
+                    request_id,
+                    headers.get(CONVERSATION_HEADER),
+                    state["received"],
+                    timeout_header=headers.get(TIMEOUT_HEADER),
+                    prompt_header=headers.get(PROMPT_HEADER),
+                ),
+            )
+        except Exception as exc:
+            await response_for(exc, request_id)(scope, receive, send)
+            return
+        try:
+            await self._answer(opened, body, scope, receive, send)
+        finally:
+            await opened.aclose()
+
+    async def _answer(
+        self, opened: OpenedChat, body: ChatCompletionRequest, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        headers = opened.headers
+        if opened.conversation_id is not None:
+            headers[CONVERSATION_HEADER] = opened.conversation_id
+        raw_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            writer = ChunkWriter(completion_id, created, opened.model, include_usage)
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE + raw_headers})
+            try:
+                last = await cancel_on_disconnect(receive, stream(opened, writer, send))
+            except ClientDisconnectedError:
+                return  # the client left mid-stream: nobody is left to tell
+            await send({"type": "http.response.body", "body": last})
+            return
+        try:
+            result = await cancel_on_disconnect(receive, collect(opened))
+        except Exception as exc:
+            await response_for(exc, scope["state"]["request_id"])(scope, receive, send)
+            return
+        payload = orjson.dumps(completion_json(completion_id, created, opened.model, result))
+        raw_headers += [_JSON, (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def chat_route(middleware: Sequence[Middleware] = ()) -> Route:
+    """The route, with the app's CORS middleware when it has one (hot routes skip the app's stack)."""
+    return Route("/v1/chat/completions", ChatCompletions(), methods=["POST"], middleware=middleware)
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (the gateway middleware enforces its size limit as it arrives)."""
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
 
 
 async def collect(opened: OpenedChat) -> ChatResult:
@@ -71,22 +140,6 @@ async def collect(opened: OpenedChat) -> ChatResult:
     finally:
         await opened.aclose()
     return result
-
-
-class EventStream(StreamingResponse):
-    """SSE that always closes its chat, even when the client left before the first byte was sent."""
-
-    def __init__(self, opened: OpenedChat, writer: ChunkWriter, headers: dict[str, str]) -> None:
-        super().__init__(sse(opened, writer), media_type="text/event-stream", headers=headers)
-        self._opened = opened
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await cancel_on_disconnect(receive, self.stream_response(send))
-        except ClientDisconnectedError:
-            pass  # the stream was cancelled: nobody is left to tell
-        finally:
-            await self._opened.aclose()
 
 
 def parse_body(raw: bytes) -> ChatCompletionRequest:
@@ -122,7 +175,8 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
-async def sse(opened: OpenedChat, writer: ChunkWriter) -> AsyncIterator[bytes]:
+async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
+    """Send the SSE events as they come; return the last one, which the caller sends to end the body."""
     usage: Usage | None = None
     try:
         async for event in opened.events():
@@ -141,29 +195,27 @@ async def sse(opened: OpenedChat, writer: ChunkWriter) -> AsyncIterator[bytes]:
             else:
                 usage = event
                 continue
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            await send({"type": "http.response.body", "body": _event(chunk), "more_body": True})
     except KeelError as exc:  # after the first byte the status is sent: report in-band, as OpenAI does
         log.warning("stream failed after it started: %s", exc.message)
-        yield b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"
-        return
+        return _event(exc.envelope())
     except Exception:
         log.exception("stream failed after it started")
-        yield (
-            b"data: "
-            + orjson.dumps(
-                {
-                    "error": {
-                        "message": "Internal error during streaming.",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
+        return _event(
+            {
+                "error": {
+                    "message": "Internal error during streaming.",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
                 }
-            )
-            + b"\n\n"
+            }
         )
-        return
     final = writer.usage(usage)
     if final is not None:
-        yield b"data: " + orjson.dumps(final) + b"\n\n"
-    yield b"data: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": _event(final), "more_body": True})
+    return _DONE
+
+
+def _event(payload: object) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
