@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from opentelemetry.trace import NoOpTracer, Tracer
 
 from keel.errors import AuthenticationError, PermissionDeniedError
+from keel.telemetry.tracing import stage
 from keel.tenants import Principal, TenantService
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Authenticator:
         await self.flush()
 
     async def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
-        with self._tracer.start_as_current_span("auth"):
+        with stage(self._tracer, "auth"):
             return await self._authenticate(authorization, api_key)
 
     async def _authenticate(self, authorization: str | None, api_key: str | None) -> Principal:

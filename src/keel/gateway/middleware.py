@@ -134,6 +134,7 @@ class GatewayMiddleware:
             match, child = route.matches(scope)
             if match is Match.FULL:
                 scope.update(child)
+                scope["route"] = route  # as the router sets it: the metric's route label
                 await route.handle(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -18,6 +18,7 @@ from keel.prompts.reference import prompt_reference
 from keel.ratelimit import Lease, RateLimiter
 from keel.settings import Settings
 from keel.telemetry.metrics import Metrics
+from keel.telemetry.tracing import stage
 from keel.tenants import Principal
 
 _SANE_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -115,7 +116,7 @@ class ChatService:
         headers: dict[str, str] = {}
         if self._limiter is not None:
             estimate = estimate_tokens(request, self._default_completion)
-            with self._tracer.start_as_current_span("rate_limit"):
+            with stage(self._tracer, "rate_limit"):
                 try:
                     lease = await self._limiter.acquire(
                         str(principal.tenant_id), self._tiers[principal.tier], estimate
