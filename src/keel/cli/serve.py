@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Annotated
 
 import typer
@@ -10,6 +11,18 @@ import uvicorn
 from keel.app import create_app
 from keel.settings import Settings
 from keel.telemetry import configure_logging
+
+# Young-generation collections every 700 allocations (the default) cost ~10 % of a request's CPU at 32
+# concurrent requests, and full collections over every imported module's objects stalled requests for
+# tens of milliseconds (p99). Freeze what start-up built, and collect the young generation less often.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    gc.collect()
+    gc.freeze()  # start-up's objects (modules, classes, schemas) are never scanned again
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def serve(
@@ -34,8 +47,10 @@ def serve(
         f"  keel chat --base-url {base} --api-key $(cat {key_file})\n",
         err=True,
     )
+    app = create_app(settings)
+    tune_gc()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
