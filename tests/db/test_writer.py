@@ -92,3 +92,43 @@ async def test_rows_wait_while_the_table_is_locked_and_land_after(
     assert await _count(engine, conversation) == 200
     await queue.close()
     await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_a_row_postgresql_refuses_is_dropped_alone(database_url: str, keel: KeelServer) -> None:
+    """A NUL character is valid JSON but not valid jsonb: that row goes, the batch around it lands."""
+    engine, tenant_id, conversation = await _setup(database_url)
+    queue = WriteQueue(engine, batch_size=100)
+    for i in range(50):
+        row = _row(tenant_id, conversation, i)
+        if i in (7, 31):
+            row["message"] = {"role": "assistant", "content": "bad \u0000 byte"}
+        queue.put(conversation_messages, row)
+    queue.start()
+    await asyncio.wait_for(queue.flush(), 10)
+    assert await _count(engine, conversation) == 48
+    assert queue.rejected == 2
+    assert queue.failures == 0  # refused data is not an outage: no retry loop
+    await queue.close()
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_rows_linger_for_a_batch_unless_urgent_or_flushed(database_url: str, keel: KeelServer) -> None:
+    engine, tenant_id, conversation = await _setup(database_url)
+    queue = WriteQueue(engine, batch_size=100, linger=30.0)
+    queue.start()
+    queue.put(conversation_messages, _row(tenant_id, conversation, 0))
+    await asyncio.sleep(0.3)
+    assert await _count(engine, conversation) == 0  # waiting for company
+    queue.put(conversation_messages, _row(tenant_id, conversation, 1), urgent=True)
+    for _ in range(100):
+        if await _count(engine, conversation) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert await _count(engine, conversation) == 2
+    queue.put(conversation_messages, _row(tenant_id, conversation, 2))
+    await asyncio.wait_for(queue.flush(), 5)  # flush does not wait out the linger
+    assert await _count(engine, conversation) == 3
+    await queue.close()
+    await engine.dispose()

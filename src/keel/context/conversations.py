@@ -83,7 +83,7 @@ class ConversationStore:
         if len(self._queued) >= MAX_TRACKED:
             self._queued.clear()  # bounded; the writes behind old entries are long done
         self._queued.add((tenant_id, conversation_id))
-        if not self._writes.put(conversation_messages, row):
+        if not self._writes.put(conversation_messages, row, urgent=True):  # the next turn reads it
             task = asyncio.create_task(self._write_direct(row))
             self._direct.add(task)
             task.add_done_callback(self._direct.discard)

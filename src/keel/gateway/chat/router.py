@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 
 import orjson
 from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from keel.errors import ClientDisconnectedError, InvalidRequestError, KeelError
 from keel.gateway.chat.protocol import ChatCompletionRequest, ChunkWriter, completion_json
 from keel.gateway.chat.service import OpenedChat
 from keel.gateway.deps import Components
-from keel.gateway.disconnect import cancel_on_disconnect
+from keel.gateway.disconnect import watch_disconnect
 from keel.gateway.errors import response_for
+from keel.gateway.middleware import random_hex
 from keel.llm import ChatResult, Finish, TextDelta, ToolCallDelta, Usage
 from keel.telemetry import tenant_var
 
@@ -49,69 +49,82 @@ _DONE = b"data: [DONE]\n\n"
 
 class ChatCompletions:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope["state"]
-        request_id: str = state["request_id"]
+        request_id: str = scope["state"]["request_id"]
+        started = _Started(send)
         try:
-            keel: Components = scope["app"].state.keel
-            headers: dict[str, str] = {}
-            for name, value in scope["headers"]:
-                wanted = _READ.get(name)
-                if wanted is not None:
-                    headers[wanted] = value.decode("latin-1")
-            principal = await keel.authenticator.authenticate(
-                headers.get("authorization"), headers.get("x-api-key")
-            )
-            tenant_var.set(principal.tenant)
-            body = parse_body(await read_body(receive))
-            # The client leaving cancels retries, backoff and the upstream call at once.
-            opened = await cancel_on_disconnect(
-                receive,
-                keel.chat.open(
-                    principal,
-                    body,
-                    request_id,
-                    headers.get(CONVERSATION_HEADER),
-                    state["received"],
-                    timeout_header=headers.get(TIMEOUT_HEADER),
-                    prompt_header=headers.get(PROMPT_HEADER),
-                ),
-            )
+            await self._serve(scope, receive, started)
         except Exception as exc:
-            await response_for(exc, request_id)(scope, receive, send)
-            return
-        try:
-            await self._answer(opened, body, scope, receive, send)
-        finally:
-            await opened.aclose()
+            if not started.response:
+                await response_for(exc, request_id)(scope, receive, send)
+            elif not isinstance(exc, ClientDisconnectedError):  # mid-stream: nobody is left to tell
+                log.exception("chat completion failed after its response started")
+
+    async def _serve(self, scope: Scope, receive: Receive, send: _Started) -> None:
+        keel: Components = scope["app"].state.keel
+        state = scope["state"]
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            wanted = _READ.get(name)
+            if wanted is not None:
+                headers[wanted] = value.decode("latin-1")
+        principal = await keel.authenticator.authenticate(
+            headers.get("authorization"), headers.get("x-api-key")
+        )
+        tenant_var.set(principal.tenant)
+        body = parse_body(await read_body(receive))
+        # The client leaving cancels retries, backoff and the upstream call at once.
+        async with watch_disconnect(receive) as watch:
+            opened = await keel.chat.open(
+                principal,
+                body,
+                state["request_id"],
+                headers.get(CONVERSATION_HEADER),
+                state["received"],
+                timeout_header=headers.get(TIMEOUT_HEADER),
+                prompt_header=headers.get(PROMPT_HEADER),
+            )
+            try:
+                await self._answer(opened, body, send, watch)
+            finally:
+                await opened.aclose()
 
     async def _answer(
-        self, opened: OpenedChat, body: ChatCompletionRequest, scope: Scope, receive: Receive, send: Send
+        self, opened: OpenedChat, body: ChatCompletionRequest, send: _Started, watch: watch_disconnect
     ) -> None:
         headers = opened.headers
         if opened.conversation_id is not None:
             headers[CONVERSATION_HEADER] = opened.conversation_id
         raw_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        completion_id = f"chatcmpl-{random_hex()}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             writer = ChunkWriter(completion_id, created, opened.model, include_usage)
             await send({"type": "http.response.start", "status": 200, "headers": _SSE + raw_headers})
-            try:
-                last = await cancel_on_disconnect(receive, stream(opened, writer, send))
-            except ClientDisconnectedError:
-                return  # the client left mid-stream: nobody is left to tell
+            last = await stream(opened, writer, send)
+            watch.stop()  # a finished response reads as a disconnect
             await send({"type": "http.response.body", "body": last})
             return
-        try:
-            result = await cancel_on_disconnect(receive, collect(opened))
-        except Exception as exc:
-            await response_for(exc, scope["state"]["request_id"])(scope, receive, send)
-            return
+        result = await collect(opened)
+        watch.stop()
         payload = orjson.dumps(completion_json(completion_id, created, opened.model, result))
         raw_headers += [_JSON, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+class _Started:
+    """`send` that remembers whether the response has started (then errors can only go in-band)."""
+
+    __slots__ = ("_send", "response")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.response = False
+
+    async def __call__(self, message: Message) -> None:
+        self.response = True
+        await self._send(message)
 
 
 def chat_route(middleware: Sequence[Middleware] = ()) -> Route:
