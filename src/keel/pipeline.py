@@ -16,8 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -218,13 +217,13 @@ class ChatPipeline:
         started = time.perf_counter()
         parent = otel_context.get_current()  # the gateway's request span; stage spans hang under it
         stages: dict[str, float] = {}
-        with self._stage("prompt.resolve", parent, stages):
+        with stage(self._tracer, "prompt.resolve", parent, stages):
             prompt = await self._prompts.resolve(call)
         if prompt is not NO_PROMPT:
             call.request = apply_prompt(call, prompt)
         model = self._models.get(call.request.model)  # unknown alias: NotFoundError before more work
         history, retrieved = await self._load_and_retrieve(call, parent, stages)
-        with self._stage("context.assemble", parent, stages):
+        with stage(self._tracer, "context.assemble", parent, stages):
             messages = self._assembler.assemble(prompt.messages, history, retrieved, call.request.messages)
         sent = replace(call.request, messages=messages)
         outcome = CallOutcome(call, sent, ChatResult(), started=started, retrieved=retrieved, stages=stages)
@@ -255,19 +254,13 @@ class ChatPipeline:
                 self._observer.attempt_finished(attempt)
                 if outcome.error is None:
                     sent.trace.answered_by = sent.model
-            self._attempt_spans(outcome, set_span_in_context(model_span, parent))
+            if model_span.is_recording():  # else nothing under it records either (no exporter, unsampled)
+                self._attempt_spans(outcome, set_span_in_context(model_span, parent))
             if outcome.error is not None:
                 model_span.set_status(Status(StatusCode.ERROR, type(outcome.error).__name__))
             model_span.end()
-            with self._stage("record", parent, stages):
+            with stage(self._tracer, "record", parent, stages):
                 self._record(outcome)
-
-    @contextmanager
-    def _stage(self, name: str, parent: Context, stages: dict[str, float]) -> Iterator[None]:
-        began = time.perf_counter()
-        with stage(self._tracer, name, parent):
-            yield
-        stages[name] = _ms(time.perf_counter() - began)
 
     def _attempt_spans(self, outcome: CallOutcome, parent: Context) -> None:
         """GenAI client spans, one per upstream attempt, with their real start and end."""
@@ -314,13 +307,13 @@ class ChatPipeline:
             if call.conversation_id is None:
                 return []
             new = [m for m in call.request.messages if m["role"] not in ("system", "developer")]
-            with self._stage("context.load", parent, stages):
+            with stage(self._tracer, "context.load", parent, stages):
                 return await self._conversations.begin_turn(
                     call.tenant_id, call.conversation_id, new, call.request_id
                 )
 
         async def retrieve() -> list[RetrievedChunk]:
-            with self._stage("retrieval", parent, stages):
+            with stage(self._tracer, "retrieval", parent, stages):
                 return await self._retriever.retrieve(call)
 
         if call.conversation_id is None:  # nothing to overlap: skip gather's task overhead

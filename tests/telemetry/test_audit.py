@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from keel.llm import Attempt
 from keel.testing import FakeUpstream, Reply
 from keel.testing.server import KeelServer
 
@@ -66,6 +68,9 @@ def test_a_request_is_found_by_its_id_with_everything(
     assert record["usage"] == {"input_tokens": 21, "output_tokens": 5, "total_tokens": 26}
     assert len(record["attempts"]) >= 1
     assert record["attempts"][-1]["error_type"] is None
+    timings = {"started", "latency", "first_token"}  # perf_counter values: stored as ms from the start
+    expected = {f.name for f in fields(Attempt)} - timings | {f"{name}_ms" for name in timings}
+    assert set(record["attempts"][-1]) == expected
     assert record["latency_ms"] > 0
     assert record["ttft_ms"] is not None
     assert {"prompt.resolve", "context.load", "retrieval", "context.assemble", "model.call"} <= set(

@@ -132,8 +132,7 @@ class GatewayMiddleware:
             span.end()
             otel_context.detach(token)
             if self.metrics is not None:
-                self.metrics.http_requests.labels(route, method, str(status)).inc()
-                self.metrics.http_duration.labels(route).observe(elapsed)
+                self.metrics.http_request(route, method, status, elapsed)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         for route in self.hot_routes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,8 +42,7 @@ class AuditRecorder:
         usage = result.usage
         model = sent.trace.answered_by or sent.model
         if usage is not None:
-            self._metrics.llm_tokens.labels(model, "input").inc(usage.input_tokens)
-            self._metrics.llm_tokens.labels(model, "output").inc(usage.output_tokens)
+            self._metrics.tokens(model, usage.input_tokens, usage.output_tokens)
         if call.received:
             self._metrics.overhead.observe(max(0.0, outcome.model_started - call.received))
         if not self._enabled:
@@ -133,10 +131,16 @@ def _describe(error: BaseException) -> str:
 
 
 def _attempt_json(attempt: Attempt, origin: float) -> dict[str, Any]:
-    data = asdict(attempt)
-    data["started_ms"] = round((attempt.started - origin) * 1000, 3)
-    data["latency_ms"] = round(attempt.latency * 1000, 3)
-    data["first_token_ms"] = round(attempt.first_token * 1000, 3) if attempt.first_token is not None else None
-    for key in ("started", "latency", "first_token"):
-        del data[key]
-    return data
+    # Field by field: dataclasses.asdict deep-copies every value, and this runs on every request.
+    first = attempt.first_token
+    return {
+        "model": attempt.model,
+        "deployment": attempt.deployment,
+        "provider": attempt.provider,
+        "upstream_model": attempt.upstream_model,
+        "status": attempt.status,
+        "error_type": attempt.error_type,
+        "started_ms": round((attempt.started - origin) * 1000, 3),
+        "latency_ms": round(attempt.latency * 1000, 3),
+        "first_token_ms": round(first * 1000, 3) if first is not None else None,
+    }

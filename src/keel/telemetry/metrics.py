@@ -3,12 +3,35 @@ no tenant ids, request ids or raw paths."""
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from keel.llm.trace import Attempt
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """A metric's labelled children, looked up once: `labels()` validates and locks on every call, and the
+    hot path asks for the same few children on every request. Labels are bounded, so is this."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -62,6 +85,12 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
+        self._http_requests = Children(self.http_requests)
+        self._http_duration = Children(self.http_duration)
+        self._llm_requests = Children(self.llm_requests)
+        self._llm_duration = Children(self.llm_duration)
+        self._llm_ttft = Children(self.llm_ttft)
+        self._llm_tokens = Children(self.llm_tokens)
         self.queue_depth = Gauge("keel_write_queue_depth", "Rows waiting to be written.", registry=r)
         self.queue_dropped = Counter(
             "keel_write_queue_dropped_total",
@@ -69,13 +98,21 @@ class Metrics:
             registry=r,
         )
 
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self._http_requests(route, method, str(status)).inc()
+        self._http_duration(route).observe(seconds)
+
+    def tokens(self, model: str, input_tokens: int, output_tokens: int) -> None:
+        self._llm_tokens(model, "input").inc(input_tokens)
+        self._llm_tokens(model, "output").inc(output_tokens)
+
     # LLMObserver: the resilience layer reports here as things happen.
     def attempt_finished(self, attempt: Attempt) -> None:
         outcome = "success" if attempt.error_type is None else attempt.error_type
-        self.llm_requests.labels(attempt.model, attempt.provider, outcome).inc()
-        self.llm_duration.labels(attempt.model, attempt.provider).observe(attempt.latency)
+        self._llm_requests(attempt.model, attempt.provider, outcome).inc()
+        self._llm_duration(attempt.model, attempt.provider).observe(attempt.latency)
         if attempt.first_token is not None:
-            self.llm_ttft.labels(attempt.model, attempt.provider).observe(attempt.first_token)
+            self._llm_ttft(attempt.model, attempt.provider).observe(attempt.first_token)
 
     def retried(self, model: str, reason: str) -> None:
         self.llm_retries.labels(model, reason).inc()
