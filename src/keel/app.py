@@ -11,8 +11,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import orjson
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 from starlette.middleware import Middleware
@@ -31,6 +29,7 @@ from keel.gateway.prompts_routes import router as prompts_router
 from keel.gateway.routes import metrics as metrics_route
 from keel.gateway.routes import router as small_routes
 from keel.llm import ModelRegistry
+from keel.llm.http import HttpClient
 from keel.pipeline import ChatPipeline, ConversationRecorder
 from keel.prompts import PromptRuntime
 from keel.ratelimit import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -145,14 +144,11 @@ async def build_components(
     stack.push_async_callback(writes.close, settings.shutdown_drain_seconds)
     telemetry.metrics.queue_depth.set_function(lambda: len(writes))
 
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-        json_serialize=lambda obj: orjson.dumps(obj).decode(),
-    )
-    stack.push_async_callback(session.close)
+    client = HttpClient(keepalive=30)  # every upstream call: model providers and readiness probes
+    stack.push_async_callback(client.aclose)
 
     redis = _redis(settings, stack)  # one client, shared by the rate limiter and the circuit breakers
-    models = ModelRegistry(settings, session, redis=redis, observer=telemetry.metrics)
+    models = ModelRegistry(settings, client, redis=redis, observer=telemetry.metrics)
     stack.push_async_callback(models.aclose)
     await models.start()
 
@@ -197,7 +193,7 @@ async def build_components(
         tenants=tenants,
         audit=store,
         replayer=Replayer(store, pipeline),
-        readiness=Readiness(settings, engine, writes, models, session),
+        readiness=Readiness(settings, engine, writes, models, client),
         metrics=telemetry.metrics,
         writes=writes,
         prompts=prompts.registry,

@@ -8,7 +8,6 @@ import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -22,6 +21,7 @@ from keel.errors import (
 )
 from keel.llm.anthropic import AnthropicChatModel
 from keel.llm.events import ChatEvent, ChatRequest, ChatResult, Finish, TextDelta, ToolCallDelta, Usage
+from keel.llm.http import HttpClient
 from keel.settings import ModelConfig
 from keel.testing import FakeUpstream, Reply
 
@@ -36,12 +36,13 @@ def fake() -> Iterator[FakeUpstream]:
 
 
 @pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
+async def session() -> AsyncIterator[HttpClient]:
+    client = HttpClient()
+    yield client
+    await client.aclose()
 
 
-def make_model(session: aiohttp.ClientSession, base_url: str, **config: Any) -> AnthropicChatModel:
+def make_model(session: HttpClient, base_url: str, **config: Any) -> AnthropicChatModel:
     settings = ModelConfig(provider="anthropic", base_url=base_url, **({"api_key": API_KEY} | config))
     return AnthropicChatModel("claude-test", settings, session)
 
@@ -60,7 +61,7 @@ async def drain(stream: AsyncIterator[ChatEvent], seen: list[ChatEvent]) -> None
         seen.append(event)
 
 
-async def sent_body(fake: FakeUpstream, session: aiohttp.ClientSession, request: ChatRequest) -> Any:
+async def sent_body(fake: FakeUpstream, session: HttpClient, request: ChatRequest) -> Any:
     await collect(make_model(session, fake.base_url), request)
     return fake.requests[-1].body
 
@@ -69,9 +70,7 @@ async def sent_body(fake: FakeUpstream, session: aiohttp.ClientSession, request:
 
 
 @pytest.mark.asyncio
-async def test_text_arrives_as_deltas_then_usage_then_finish(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_text_arrives_as_deltas_then_usage_then_finish(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(text="Hello there", chunks=["Hel", "lo", " there"], input_tokens=11, output_tokens=4))
 
     events, result = await collect(make_model(session, fake.base_url), ChatRequest("claude-test", HELLO))
@@ -88,7 +87,7 @@ async def test_text_arrives_as_deltas_then_usage_then_finish(
 
 
 @pytest.mark.asyncio
-async def test_cache_tokens_count_as_input(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_cache_tokens_count_as_input(fake: FakeUpstream, session: HttpClient) -> None:
     start = {
         "type": "message_start",
         "message": {"usage": {"input_tokens": 3, "cache_read_input_tokens": 100, "output_tokens": 1}},
@@ -120,7 +119,7 @@ async def test_cache_tokens_count_as_input(fake: FakeUpstream, session: aiohttp.
 )
 @pytest.mark.asyncio
 async def test_stop_reason_maps_onto_finish_reason(
-    fake: FakeUpstream, session: aiohttp.ClientSession, stop_reason: str, finish: str
+    fake: FakeUpstream, session: HttpClient, stop_reason: str, finish: str
 ) -> None:
     fake.enqueue(Reply(text="x", finish_reason=stop_reason))
     events, _ = await collect(make_model(session, fake.base_url), ChatRequest("claude-test", HELLO))
@@ -131,7 +130,7 @@ async def test_stop_reason_maps_onto_finish_reason(
 
 
 @pytest.mark.asyncio
-async def test_headers_and_parameters(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_headers_and_parameters(fake: FakeUpstream, session: HttpClient) -> None:
     model = make_model(session, fake.base_url, model="claude-sonnet-4-5", headers={"anthropic-beta": "b1"})
     request = ChatRequest(
         "claude-test", HELLO, max_tokens=300, temperature=0.5, top_p=0.8, stop=["END"], seed=3, user="u-7"
@@ -159,9 +158,7 @@ async def test_headers_and_parameters(fake: FakeUpstream, session: aiohttp.Clien
 
 
 @pytest.mark.asyncio
-async def test_max_tokens_defaults_to_config_then_4096(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_max_tokens_defaults_to_config_then_4096(fake: FakeUpstream, session: HttpClient) -> None:
     await collect(make_model(session, fake.base_url), ChatRequest("claude-test", HELLO))
     await collect(
         make_model(session, fake.base_url, max_output_tokens=777), ChatRequest("claude-test", HELLO)
@@ -171,7 +168,7 @@ async def test_max_tokens_defaults_to_config_then_4096(
 
 
 @pytest.mark.asyncio
-async def test_conversation_is_translated(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_conversation_is_translated(fake: FakeUpstream, session: HttpClient) -> None:
     messages = [
         {"role": "system", "content": "You are terse."},
         {"role": "developer", "content": [{"type": "text", "text": "Use metric units."}]},
@@ -231,7 +228,7 @@ async def test_conversation_is_translated(fake: FakeUpstream, session: aiohttp.C
 
 
 @pytest.mark.asyncio
-async def test_images_become_image_blocks(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_images_become_image_blocks(fake: FakeUpstream, session: HttpClient) -> None:
     content = [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
@@ -254,7 +251,7 @@ async def test_images_become_image_blocks(fake: FakeUpstream, session: aiohttp.C
 )
 @pytest.mark.asyncio
 async def test_tools_and_tool_choice(
-    fake: FakeUpstream, session: aiohttp.ClientSession, tool_choice: Any, expected: dict[str, str]
+    fake: FakeUpstream, session: HttpClient, tool_choice: Any, expected: dict[str, str]
 ) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"}}}
     tools = [
@@ -300,7 +297,7 @@ async def test_tools_and_tool_choice(
 )
 @pytest.mark.asyncio
 async def test_untranslatable_requests_fail_before_any_call(
-    fake: FakeUpstream, session: aiohttp.ClientSession, request_: ChatRequest
+    fake: FakeUpstream, session: HttpClient, request_: ChatRequest
 ) -> None:
     with pytest.raises(InvalidRequestError):
         await collect(make_model(session, fake.base_url), request_)
@@ -311,9 +308,7 @@ async def test_untranslatable_requests_fail_before_any_call(
 
 
 @pytest.mark.asyncio
-async def test_tool_use_streams_as_tool_call_deltas(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_tool_use_streams_as_tool_call_deltas(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(
         Reply(
             text="Let me check.",
@@ -340,7 +335,7 @@ async def test_tool_use_streams_as_tool_call_deltas(
 
 @pytest.mark.asyncio
 async def test_tool_without_input_gets_empty_object_arguments(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     tool = {"type": "tool_use", "id": "toolu_9", "name": "clock", "input": {}}
     fake.enqueue(
@@ -377,7 +372,7 @@ async def test_tool_without_input_gets_empty_object_arguments(
 )
 @pytest.mark.asyncio
 async def test_error_statuses_map_onto_the_taxonomy(
-    fake: FakeUpstream, session: aiohttp.ClientSession, status: int, error_type: type[KeelError]
+    fake: FakeUpstream, session: HttpClient, status: int, error_type: type[KeelError]
 ) -> None:
     fake.enqueue(Reply(status=status, error_message=f"scripted failure {status}"))
     with pytest.raises(error_type) as caught:
@@ -388,7 +383,7 @@ async def test_error_statuses_map_onto_the_taxonomy(
 
 
 @pytest.mark.asyncio
-async def test_wrong_key_is_a_401_upstream_error(session: aiohttp.ClientSession) -> None:
+async def test_wrong_key_is_a_401_upstream_error(session: HttpClient) -> None:
     with FakeUpstream(api_key="the-right-key") as fake, pytest.raises(UpstreamError) as caught:
         await collect(make_model(session, fake.base_url), ChatRequest("claude-test", HELLO))
     assert isinstance(caught.value, UpstreamError)
@@ -397,7 +392,7 @@ async def test_wrong_key_is_a_401_upstream_error(session: aiohttp.ClientSession)
 
 
 @pytest.mark.asyncio
-async def test_429_keeps_retry_after(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_429_keeps_retry_after(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(status=429, headers={"Retry-After": "12"}))
     with pytest.raises(RateLimitError) as caught:
         await collect(make_model(session, fake.base_url), ChatRequest("claude-test", HELLO))
@@ -405,7 +400,7 @@ async def test_429_keeps_retry_after(fake: FakeUpstream, session: aiohttp.Client
 
 
 @pytest.mark.asyncio
-async def test_connection_refused_is_unavailable(session: aiohttp.ClientSession) -> None:
+async def test_connection_refused_is_unavailable(session: HttpClient) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -414,7 +409,7 @@ async def test_connection_refused_is_unavailable(session: aiohttp.ClientSession)
 
 
 @pytest.mark.asyncio
-async def test_slow_answer_times_out(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_slow_answer_times_out(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(delay=3.0))
     with pytest.raises(UpstreamTimeoutError):
         await collect(make_model(session, fake.base_url, timeout=0.3), ChatRequest("claude-test", HELLO))
@@ -426,7 +421,7 @@ async def test_slow_answer_times_out(fake: FakeUpstream, session: aiohttp.Client
 )
 @pytest.mark.asyncio
 async def test_error_event_in_the_stream(
-    fake: FakeUpstream, session: aiohttp.ClientSession, error_type: str, expected: type[UpstreamError]
+    fake: FakeUpstream, session: HttpClient, error_type: str, expected: type[UpstreamError]
 ) -> None:
     fake.enqueue(Reply(text="partial", stream_error="Overloaded", error_type=error_type))
     seen: list[ChatEvent] = []
@@ -438,9 +433,7 @@ async def test_error_event_in_the_stream(
 
 
 @pytest.mark.asyncio
-async def test_malformed_event_is_an_upstream_error(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_malformed_event_is_an_upstream_error(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(raw_stream=["event: message_start\ndata: {broken\n\n"]))
     with pytest.raises(UpstreamError, match="malformed stream event"):
         await collect(make_model(session, fake.base_url), ChatRequest("claude-test", HELLO))
@@ -448,7 +441,7 @@ async def test_malformed_event_is_an_upstream_error(
 
 @pytest.mark.asyncio
 async def test_stream_ending_without_stop_reason_is_an_upstream_error(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     fake.enqueue(Reply(raw_stream=['event: ping\ndata: {"type": "ping"}\n\n']))
     with pytest.raises(UpstreamError, match="without a stop_reason"):
@@ -460,7 +453,7 @@ async def test_stream_ending_without_stop_reason_is_an_upstream_error(
 
 @pytest.mark.asyncio
 async def test_closing_the_stream_early_closes_the_upstream_connection(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     fake.enqueue(Reply(chunks=["tick "] * 100, chunk_delay=0.05))
     stream = make_model(session, fake.base_url).stream(ChatRequest("claude-test", HELLO))
@@ -474,7 +467,7 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(
 
 @pytest.mark.asyncio
 async def test_cancelling_the_consumer_closes_the_upstream_connection(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     fake.enqueue(Reply(chunks=["tick "] * 100, chunk_delay=0.05))
     model = make_model(session, fake.base_url)

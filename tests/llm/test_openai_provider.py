@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -21,6 +20,7 @@ from keel.errors import (
     UpstreamUnavailableError,
 )
 from keel.llm.events import ChatEvent, ChatRequest, ChatResult, Finish, TextDelta, ToolCallDelta, Usage
+from keel.llm.http import HttpClient
 from keel.llm.openai_compat import OpenAIChatModel
 from keel.llm.sse import ServerSentEvent, SSEDecoder, error_message
 from keel.settings import ModelConfig
@@ -37,12 +37,13 @@ def fake() -> Iterator[FakeUpstream]:
 
 
 @pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
+async def session() -> AsyncIterator[HttpClient]:
+    client = HttpClient()
+    yield client
+    await client.aclose()
 
 
-def make_model(session: aiohttp.ClientSession, base_url: str, **config: Any) -> OpenAIChatModel:
+def make_model(session: HttpClient, base_url: str, **config: Any) -> OpenAIChatModel:
     settings = ModelConfig(provider="openai", base_url=base_url, **({"api_key": API_KEY} | config))
     return OpenAIChatModel("gpt-test", settings, session)
 
@@ -72,9 +73,7 @@ def closed_port() -> int:
 
 
 @pytest.mark.asyncio
-async def test_text_arrives_as_deltas_then_usage_then_finish(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_text_arrives_as_deltas_then_usage_then_finish(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(text="Hello there", chunks=["Hel", "lo", " there"], input_tokens=9, output_tokens=3))
     model = make_model(session, fake.openai_base_url)
 
@@ -92,18 +91,14 @@ async def test_text_arrives_as_deltas_then_usage_then_finish(
 
 
 @pytest.mark.asyncio
-async def test_finish_reason_length_passes_through(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_finish_reason_length_passes_through(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(text="cut", finish_reason="length"))
     _, result = await collect(make_model(session, fake.openai_base_url), ChatRequest("gpt-test", HELLO))
     assert result.finish_reason == "length"
 
 
 @pytest.mark.asyncio
-async def test_sends_every_set_parameter_and_the_headers(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_sends_every_set_parameter_and_the_headers(fake: FakeUpstream, session: HttpClient) -> None:
     model = make_model(
         session, fake.openai_base_url, model="gpt-4o-mini", headers={"OpenAI-Organization": "org-1"}
     )
@@ -146,7 +141,7 @@ async def test_sends_every_set_parameter_and_the_headers(
 
 @pytest.mark.asyncio
 async def test_unset_parameters_are_omitted_and_the_alias_is_the_model(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     model = make_model(session, fake.openai_base_url, api_key=None)
 
@@ -163,9 +158,7 @@ async def test_unset_parameters_are_omitted_and_the_alias_is_the_model(
 
 
 @pytest.mark.asyncio
-async def test_configured_max_output_tokens_is_the_default(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_configured_max_output_tokens_is_the_default(fake: FakeUpstream, session: HttpClient) -> None:
     model = make_model(session, fake.openai_base_url, max_output_tokens=128)
     await collect(model, ChatRequest(model="gpt-test", messages=HELLO))
     await collect(model, ChatRequest(model="gpt-test", messages=HELLO, max_tokens=5))
@@ -174,7 +167,7 @@ async def test_configured_max_output_tokens_is_the_default(
 
 @pytest.mark.asyncio
 async def test_api_key_from_the_environment(
-    fake: FakeUpstream, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+    fake: FakeUpstream, session: HttpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KEEL_TEST_OPENAI_KEY", "sk-from-env")
     model = make_model(session, fake.openai_base_url, api_key=None, api_key_env="KEEL_TEST_OPENAI_KEY")
@@ -186,9 +179,7 @@ async def test_api_key_from_the_environment(
 
 
 @pytest.mark.asyncio
-async def test_tool_calls_stream_as_deltas_and_collect(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_tool_calls_stream_as_deltas_and_collect(fake: FakeUpstream, session: HttpClient) -> None:
     arguments = '{"city": "Paris", "unit": "celsius", "days": 3}'
     fake.enqueue(
         Reply(
@@ -214,7 +205,7 @@ async def test_tool_calls_stream_as_deltas_and_collect(
 
 
 @pytest.mark.asyncio
-async def test_tool_results_are_sent_as_given(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_tool_results_are_sent_as_given(fake: FakeUpstream, session: HttpClient) -> None:
     messages = [
         *HELLO,
         {
@@ -246,7 +237,7 @@ async def test_tool_results_are_sent_as_given(fake: FakeUpstream, session: aioht
 @pytest.mark.asyncio
 async def test_error_statuses_map_onto_the_taxonomy(
     fake: FakeUpstream,
-    session: aiohttp.ClientSession,
+    session: HttpClient,
     status: int,
     error_type: type[KeelError],
     upstream_status: int | None,
@@ -262,7 +253,7 @@ async def test_error_statuses_map_onto_the_taxonomy(
 
 
 @pytest.mark.asyncio
-async def test_429_keeps_retry_after(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_429_keeps_retry_after(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(status=429, error_message="slow down", headers={"Retry-After": "7"}))
     with pytest.raises(RateLimitError) as caught:
         await collect(make_model(session, fake.openai_base_url), ChatRequest("gpt-test", HELLO))
@@ -271,7 +262,7 @@ async def test_429_keeps_retry_after(fake: FakeUpstream, session: aiohttp.Client
 
 
 @pytest.mark.asyncio
-async def test_api_key_never_appears_in_errors(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_api_key_never_appears_in_errors(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(status=401, error_message=f"Incorrect API key provided: {API_KEY}."))
     with pytest.raises(UpstreamError) as caught:
         await collect(make_model(session, fake.openai_base_url), ChatRequest("gpt-test", HELLO))
@@ -288,7 +279,7 @@ def test_error_message_reads_both_envelopes_or_the_start_of_the_body() -> None:
 
 
 @pytest.mark.asyncio
-async def test_connection_refused_is_unavailable(session: aiohttp.ClientSession) -> None:
+async def test_connection_refused_is_unavailable(session: HttpClient) -> None:
     model = make_model(session, f"http://127.0.0.1:{closed_port()}/v1")
     with pytest.raises(UpstreamUnavailableError) as caught:
         await collect(model, ChatRequest("gpt-test", HELLO))
@@ -296,7 +287,7 @@ async def test_connection_refused_is_unavailable(session: aiohttp.ClientSession)
 
 
 @pytest.mark.asyncio
-async def test_slow_answer_times_out(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+async def test_slow_answer_times_out(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(delay=3.0))
     model = make_model(session, fake.openai_base_url, timeout=0.3)
     started = time.monotonic()
@@ -306,9 +297,7 @@ async def test_slow_answer_times_out(fake: FakeUpstream, session: aiohttp.Client
 
 
 @pytest.mark.asyncio
-async def test_stream_stalling_past_the_timeout_times_out(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_stream_stalling_past_the_timeout_times_out(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(chunks=["a", "b", "c"], chunk_delay=2.0))
     model = make_model(session, fake.openai_base_url, timeout=0.5)
     seen: list[ChatEvent] = []
@@ -318,9 +307,7 @@ async def test_stream_stalling_past_the_timeout_times_out(
 
 
 @pytest.mark.asyncio
-async def test_malformed_chunk_is_an_upstream_error(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_malformed_chunk_is_an_upstream_error(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(
         Reply(raw_stream=['data: {"choices": [{"delta": {"content": "ok"}}]}\n\n', "data: {oops\n\n"])
     )
@@ -331,9 +318,7 @@ async def test_malformed_chunk_is_an_upstream_error(
 
 
 @pytest.mark.asyncio
-async def test_error_inside_the_stream_is_an_upstream_error(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_error_inside_the_stream_is_an_upstream_error(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(Reply(text="partial", stream_error="the model fell over"))
     with pytest.raises(UpstreamError, match="the model fell over"):
         await collect(make_model(session, fake.openai_base_url), ChatRequest("gpt-test", HELLO))
@@ -341,7 +326,7 @@ async def test_error_inside_the_stream_is_an_upstream_error(
 
 @pytest.mark.asyncio
 async def test_stream_ending_without_finish_reason_is_an_upstream_error(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     fake.enqueue(
         Reply(raw_stream=['data: {"choices": [{"delta": {"content": "cut"}}]}\n\n', "data: [DONE]\n\n"])
@@ -355,7 +340,7 @@ async def test_stream_ending_without_finish_reason_is_an_upstream_error(
 
 @pytest.mark.asyncio
 async def test_closing_the_stream_early_closes_the_upstream_connection(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     fake.enqueue(Reply(chunks=["tick "] * 100, chunk_delay=0.05))
     stream = make_model(session, fake.openai_base_url).stream(ChatRequest("gpt-test", HELLO))
@@ -369,7 +354,7 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(
 
 @pytest.mark.asyncio
 async def test_cancelling_the_consumer_closes_the_upstream_connection(
-    fake: FakeUpstream, session: aiohttp.ClientSession
+    fake: FakeUpstream, session: HttpClient
 ) -> None:
     fake.enqueue(Reply(chunks=["tick "] * 100, chunk_delay=0.05))
     model = make_model(session, fake.openai_base_url)
@@ -392,9 +377,7 @@ async def test_cancelling_the_consumer_closes_the_upstream_connection(
 
 
 @pytest.mark.asyncio
-async def test_crlf_comments_multiline_data_and_split_lines(
-    fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+async def test_crlf_comments_multiline_data_and_split_lines(fake: FakeUpstream, session: HttpClient) -> None:
     fake.enqueue(
         Reply(
             raw_stream=[

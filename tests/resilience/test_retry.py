@@ -6,7 +6,6 @@ import email.utils
 import random
 import time
 
-import aiohttp
 import pytest
 
 from keel.errors import (
@@ -18,6 +17,7 @@ from keel.errors import (
     UpstreamUnavailableError,
     upstream_status_error,
 )
+from keel.llm.http import ConnectError, ConnectionLost
 from keel.llm.resilience import FailureKind, RetryModel, classify, retry_after
 from keel.llm.trace import NoObserver
 from keel.settings import RetryConfig
@@ -127,12 +127,12 @@ def _cause(exc: UpstreamError, cause: BaseException) -> UpstreamError:
         (
             _cause(
                 UpstreamUnavailableError("refused", provider="p", model="m"),
-                aiohttp.ClientConnectorError(None, OSError(111, "refused")),  # type: ignore[arg-type]
+                ConnectError("cannot connect to 127.0.0.1:9: refused"),
             ),
             FailureKind.CONNECTION_REFUSED,
         ),
         (
-            _cause(UpstreamError("reset", provider="p", model="m"), aiohttp.ServerDisconnectedError()),
+            _cause(UpstreamError("reset", provider="p", model="m"), ConnectionLost("closed")),
             FailureKind.CONNECTION_ERROR,
         ),
         (UpstreamError("malformed stream chunk", provider="p", model="m"), FailureKind.BAD_RESPONSE),

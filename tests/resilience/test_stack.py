@@ -9,12 +9,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 
 from keel.errors import UpstreamTimeoutError
 from keel.llm import Attempt, ChatRequest, ChatResult, ModelRegistry
+from keel.llm.http import HttpClient
 from keel.llm.resilience import CLOSED, HALF_OPEN, OPEN
 from keel.settings import BreakerConfig, DeploymentConfig, Settings
 from keel.testing import FakeUpstream, Reply, unused_base_url
@@ -43,12 +43,13 @@ class Heard:
 
 
 @pytest_asyncio.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client_session:
-        yield client_session
+async def session() -> AsyncIterator[HttpClient]:
+    client = HttpClient()
+    yield client
+    await client.aclose()
 
 
-async def registry(session: aiohttp.ClientSession, heard: Heard, **models: Any) -> ModelRegistry:
+async def registry(session: HttpClient, heard: Heard, **models: Any) -> ModelRegistry:
     settings = Settings(models=models, default_model=next(iter(models)))
     built = ModelRegistry(settings, session, observer=heard)
     await built.start()
@@ -65,7 +66,7 @@ async def complete(models: ModelRegistry, alias: str) -> tuple[ChatResult, ChatR
 
 @pytest.mark.asyncio
 async def test_the_observer_hears_attempts_retries_fallbacks_and_breakers(
-    session: aiohttp.ClientSession, fake: FakeUpstream, backup: FakeUpstream
+    session: HttpClient, fake: FakeUpstream, backup: FakeUpstream
 ) -> None:
     heard = Heard()
     breaker = BreakerConfig(consecutive_failures=3, cooldown=30)
@@ -105,7 +106,7 @@ async def test_the_observer_hears_attempts_retries_fallbacks_and_breakers(
 
 @pytest.mark.asyncio
 async def test_breaker_events_cover_the_probe(
-    session: aiohttp.ClientSession, fake: FakeUpstream, backup: FakeUpstream
+    session: HttpClient, fake: FakeUpstream, backup: FakeUpstream
 ) -> None:
     heard = Heard()
     breaker = BreakerConfig(consecutive_failures=1, cooldown=0.2)
@@ -129,7 +130,7 @@ async def test_breaker_events_cover_the_probe(
 
 @pytest.mark.asyncio
 async def test_deployments_share_the_load_by_weight_and_cover_for_each_other(
-    session: aiohttp.ClientSession, fake: FakeUpstream, backup: FakeUpstream
+    session: HttpClient, fake: FakeUpstream, backup: FakeUpstream
 ) -> None:
     deployments = [
         DeploymentConfig(name="east", base_url=fake.openai_base_url, weight=3),
@@ -155,7 +156,7 @@ async def test_deployments_share_the_load_by_weight_and_cover_for_each_other(
 
 @pytest.mark.asyncio
 async def test_the_concurrency_limit_queues_within_the_deadline(
-    session: aiohttp.ClientSession, fake: FakeUpstream
+    session: HttpClient, fake: FakeUpstream
 ) -> None:
     models = await registry(
         session,

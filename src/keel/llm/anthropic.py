@@ -1,4 +1,4 @@
-"""The Anthropic Messages API, streamed over aiohttp, behind the OpenAI-shaped `ChatModel` interface.
+"""The Anthropic Messages API, streamed over keel.llm.http, behind the OpenAI-shaped `ChatModel` interface.
 
 Requests arrive as OpenAI chat messages and are translated here: system prompts move to the top-level
 `system`, tool calls and results become `tool_use` / `tool_result` blocks, and consecutive messages of
@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keel.errors import InvalidRequestError, UpstreamError, UpstreamUnavailableError
 from keel.llm.events import ChatEvent, ChatRequest, Finish, TextDelta, ToolCallDelta, Usage
+from keel.llm.http import HttpClient
 from keel.llm.sse import post_sse
 from keel.settings import ModelConfig
 
@@ -37,11 +37,11 @@ _TOOL_CHOICES = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": 
 class AnthropicChatModel:
     provider = "anthropic"
 
-    def __init__(self, alias: str, config: ModelConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, alias: str, config: ModelConfig, client: HttpClient) -> None:
         self.alias = alias
         self.model = config.model or alias
         self._config = config
-        self._session = session
+        self._client = client
         self._url = f"{config.upstream_base_url()}/v1/messages"
         self._api_key = config.resolved_api_key()
         headers = {"Content-Type": "application/json", "anthropic-version": API_VERSION}
@@ -49,14 +49,14 @@ class AnthropicChatModel:
             headers["x-api-key"] = self._api_key
         headers.update(config.headers)
         self._headers = headers
-        # sock_connect, not connect: waiting for a free pooled connection is not a connect failure.
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout, sock_connect=config.connect_timeout)
+        self._timeout = config.timeout
+        self._connect_timeout = config.connect_timeout
 
     def supports_tools(self) -> bool:
         return True
 
     async def aclose(self) -> None:
-        """The session is shared and owned by whoever built it."""
+        """The client is shared and owned by whoever built it."""
 
     def _payload(self, request: ChatRequest) -> dict[str, Any]:
         system, messages = translate_messages(request.messages)
@@ -88,11 +88,12 @@ class AnthropicChatModel:
         tools: dict[int, int] = {}  # content block index -> tool call index
         tools_with_arguments: set[int] = set()
         events = post_sse(
-            self._session,
+            self._client,
             self._url,
             body=orjson.dumps(self._payload(request)),
             headers=self._headers,
-            client_timeout=self._timeout,
+            total=self._timeout,
+            connect_timeout=self._connect_timeout,
             provider=self.provider,
             model=self.model,
             secret=self._api_key,

@@ -7,10 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from keel.errors import NotFoundError
 from keel.llm.base import ChatModel
+from keel.llm.http import HttpClient
 from keel.llm.resilience import ModelStacks, build_stacks
 from keel.llm.trace import LLMObserver, NoObserver
 from keel.settings import ModelConfig, Settings
@@ -32,14 +31,14 @@ class ModelRegistry:
     def __init__(
         self,
         settings: Settings,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         observer: LLMObserver = NoObserver(),
         redis: Redis | None = None,
     ) -> None:
         self._configs = settings.models
         self.stacks: ModelStacks = build_stacks(
             settings,
-            lambda alias, config: build_model(alias, config, settings, session),
+            lambda alias, config: build_model(alias, config, settings, client),
             observer=observer,
             redis=redis,
         )
@@ -73,17 +72,15 @@ class ModelRegistry:
         await self.stacks.aclose()
 
 
-def build_model(
-    alias: str, config: ModelConfig, settings: Settings, session: aiohttp.ClientSession
-) -> ChatModel:
+def build_model(alias: str, config: ModelConfig, settings: Settings, client: HttpClient) -> ChatModel:
     if config.provider == "openai":
         from keel.llm.openai_compat import OpenAIChatModel
 
-        return OpenAIChatModel(alias, config, session)
+        return OpenAIChatModel(alias, config, client)
     if config.provider == "anthropic":
         from keel.llm.anthropic import AnthropicChatModel
 
-        return AnthropicChatModel(alias, config, session)
+        return AnthropicChatModel(alias, config, client)
     from keel.llm.local import LocalChatModel
 
     return LocalChatModel(alias, config, settings.local)

@@ -11,7 +11,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keel.errors import (
@@ -21,6 +20,7 @@ from keel.errors import (
     UpstreamUnavailableError,
     upstream_status_error,
 )
+from keel.llm.http import ConnectError, HttpClient, HTTPError, Response
 from keel.telemetry.tracing import inject
 
 
@@ -74,9 +74,9 @@ class SSEDecoder:
         return self.feed(b"\n\n")
 
 
-async def iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ServerSentEvent, None]:
+async def iter_sse(response: Response) -> AsyncGenerator[ServerSentEvent, None]:
     decoder = SSEDecoder()
-    async for chunk in response.content.iter_any():
+    async for chunk in response.iter_chunks():
         for event in decoder.feed(chunk):
             yield event
     for event in decoder.flush():
@@ -84,12 +84,13 @@ async def iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[ServerSen
 
 
 async def post_sse(
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     url: str,
     *,
     body: bytes,
     headers: Mapping[str, str],
-    client_timeout: aiohttp.ClientTimeout,
+    total: float,
+    connect_timeout: float,
     provider: str,
     model: str,
     secret: str | None,
@@ -100,29 +101,31 @@ async def post_sse(
     connection closed at once instead of drained, so the upstream sees the disconnect and stops
     generating. `secret` (the API key) is scrubbed from upstream error messages.
     """
-    response: aiohttp.ClientResponse | None = None
+    response: Response | None = None
     complete = False
     try:
         traced = dict(headers)
         inject(traced)  # W3C traceparent: the upstream call joins the request's trace
-        response = await session.post(url, data=body, headers=traced, timeout=client_timeout)
+        response = await client.request(
+            "POST", url, headers=traced, body=body, total=total, connect_timeout=connect_timeout
+        )
         if response.status >= 300:
             raise await _status_error(response, provider, model, secret)
         async with aclosing(iter_sse(response)) as events:
             async for event in events:
                 yield event
         complete = True
-    except TimeoutError as exc:  # before ClientError: aiohttp's timeout errors are both
+    except TimeoutError as exc:
         raise UpstreamTimeoutError(
             f"{provider} model {model!r} timed out", provider=provider, model=model
         ) from exc
-    except aiohttp.ClientConnectorError as exc:
+    except ConnectError as exc:
         raise UpstreamUnavailableError(
             f"{provider} model {model!r} is unreachable: {exc}", provider=provider, model=model
         ) from exc
-    except aiohttp.ClientError as exc:
+    except HTTPError as exc:
         raise UpstreamError(
-            f"{provider} model {model!r} connection failed: {exc!r}", provider=provider, model=model
+            f"{provider} model {model!r} connection failed: {exc}", provider=provider, model=model
         ) from exc
     finally:
         if response is not None:
@@ -132,9 +135,7 @@ async def post_sse(
                 response.close()
 
 
-async def _status_error(
-    response: aiohttp.ClientResponse, provider: str, model: str, secret: str | None
-) -> KeelError:
+async def _status_error(response: Response, provider: str, model: str, secret: str | None) -> KeelError:
     message = error_message(await response.read())
     if secret:
         message = message.replace(secret, "***")

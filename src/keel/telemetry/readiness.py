@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keel.db import WriteQueue, current_revision, head_revision
 from keel.llm import ModelRegistry
+from keel.llm.http import HttpClient, HTTPError
 from keel.settings import ModelConfig, Settings
 
 SATURATED = 0.9  # a write queue this full is not ready for more traffic
@@ -37,13 +37,13 @@ class Readiness:
         engine: AsyncEngine,
         writes: WriteQueue,
         models: ModelRegistry,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._writes = writes
         self._models = models
-        self._session = session
+        self._client = client
         self._cache: dict[str, tuple[Check, float]] = {}
 
     async def check(self) -> tuple[bool, dict[str, dict[str, Any]]]:
@@ -94,10 +94,12 @@ class Readiness:
         base = config.upstream_base_url()
         url = f"{base}/models" if config.provider == "openai" else f"{base}/v1/models"
         try:
-            timeout = aiohttp.ClientTimeout(total=5, sock_connect=config.connect_timeout)
-            async with self._session.get(url, headers=headers, timeout=timeout) as response:
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            response = await self._client.request(
+                "GET", url, headers=headers, total=5, connect_timeout=config.connect_timeout
+            )
+            status = response.status
+            response.close()  # only the status matters; the body is not worth a pooled connection
+        except (HTTPError, TimeoutError) as exc:
             return Check(False, f"unreachable: {type(exc).__name__}")
         if status in (401, 403):
             return Check(False, f"answered {status}: check the API key")

@@ -27,7 +27,7 @@ class KeelServer:
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
             self.app,
-            loop="asyncio",
+            loop="uvloop",  # as `keel serve` runs: the hot path is tested on the loop it is deployed on
             http="httptools",
             log_config=None,
             access_log=False,

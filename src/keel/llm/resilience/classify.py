@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
-import aiohttp
-
 from keel.errors import (
     InvalidRequestError,
     KeelError,
@@ -19,6 +17,7 @@ from keel.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from keel.llm.http import ConnectError, HTTPError
 
 
 class FailureKind(StrEnum):
@@ -140,9 +139,9 @@ def _upstream_kind(exc: UpstreamError) -> FailureKind:
     if isinstance(exc, UpstreamTimeoutError):
         return FailureKind.TIMEOUT
     cause = exc.__cause__
-    if isinstance(cause, aiohttp.ClientConnectorError):
+    if isinstance(cause, ConnectError):
         return FailureKind.CONNECTION_REFUSED
-    if isinstance(cause, aiohttp.ClientError):
+    if isinstance(cause, HTTPError):
         return FailureKind.CONNECTION_ERROR
     if isinstance(exc, UpstreamUnavailableError):
         return FailureKind.OVERLOADED
