@@ -49,7 +49,9 @@ from keel.tenants import TenantService
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> GatewayMiddleware:
+    """The ASGI app: the gateway middleware (request ids, body limit, access log, metrics, the request
+    span) around the hot chat route and the FastAPI app that serves every other route and the lifespan."""
     telemetry = Telemetry(settings)
     app = FastAPI(
         title="Keel",
@@ -57,10 +59,12 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lambda app: _lifespan(app, settings, telemetry),
         docs_url=None,
         redoc_url=None,
+        # FastAPI's own OpenTelemetry reads the global providers; Keel has its own (keel.telemetry).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     error_handlers.install(app)
     cors = _cors(settings)
-    chat = chat_route([Middleware(CORSMiddleware, **cors)] if cors else [])
+    chat = chat_route(app, [Middleware(CORSMiddleware, **cors)] if cors else [])
     app.router.routes.append(chat)  # served by GatewayMiddleware as a hot route; here for its 405
     app.include_router(small_routes)
     app.include_router(audit_router)
@@ -69,14 +73,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_api_route("/metrics", metrics_route, methods=["GET"], include_in_schema=False)
     if cors:
         app.add_middleware(CORSMiddleware, **cors)
-    app.add_middleware(
-        GatewayMiddleware,
+    return GatewayMiddleware(
+        app,
         max_body_bytes=settings.max_body_bytes,
         tracer=telemetry.tracing.tracer,
         metrics=telemetry.metrics,
         hot_routes=[chat],
     )
-    return app
 
 
 def _cors(settings: Settings) -> dict[str, Any] | None:

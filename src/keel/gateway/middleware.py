@@ -1,10 +1,10 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request): request ids, body limit,
 one access log line per request, and the hot routes.
 
-Hot routes are plain ASGI routes matched here, before the FastAPI app: its exception middleware, exit
-stack and router cost ~8 % of a chat completion's CPU. They answer their own errors
-(`gateway.errors.response_for`). A request that only partly matches one (another method) goes on to the
-app, which has the same route registered, so it still gets its 405.
+This is the outermost app `keel serve` runs. Hot routes are plain ASGI routes matched here, before the
+FastAPI app: its middleware stack and router cost ~10 % of a chat completion's CPU. They answer their
+own errors (`gateway.errors.response_for`). A request that only partly matches one (another method) goes
+on to the app, which has the same route registered, so it still gets its 405.
 """
 
 from __future__ import annotations

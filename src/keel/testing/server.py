@@ -8,7 +8,6 @@ import time
 from types import TracebackType
 
 import uvicorn
-from fastapi import FastAPI
 
 from keel.app import create_app
 from keel.settings import Settings
@@ -17,7 +16,7 @@ from keel.settings import Settings
 class KeelServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.app: FastAPI = create_app(settings)
+        self.app = create_app(settings)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Accepted connections inherit this. asyncio sets it on sockets it opens itself, not on a socket

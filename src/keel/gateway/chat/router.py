@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import orjson
 from pydantic import ValidationError
+from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
@@ -48,6 +49,9 @@ _DONE = b"data: [DONE]\n\n"
 
 
 class ChatCompletions:
+    def __init__(self, app: Starlette) -> None:
+        self._app = app  # its state holds the components once the lifespan has built them
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]
         started = _Started(send)
@@ -60,7 +64,7 @@ class ChatCompletions:
                 log.exception("chat completion failed after its response started")
 
     async def _serve(self, scope: Scope, receive: Receive, send: _Started) -> None:
-        keel: Components = scope["app"].state.keel
+        keel: Components = self._app.state.keel
         state = scope["state"]
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
@@ -127,9 +131,9 @@ class _Started:
         await self._send(message)
 
 
-def chat_route(middleware: Sequence[Middleware] = ()) -> Route:
+def chat_route(app: Starlette, middleware: Sequence[Middleware] = ()) -> Route:
     """The route, with the app's CORS middleware when it has one (hot routes skip the app's stack)."""
-    return Route("/v1/chat/completions", ChatCompletions(), methods=["POST"], middleware=middleware)
+    return Route("/v1/chat/completions", ChatCompletions(app), methods=["POST"], middleware=middleware)
 
 
 async def read_body(receive: Receive) -> bytes:
