@@ -33,6 +33,8 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
+    """The last event of every stream (usage, when known, comes before it)."""
+
     reason: str  # one of FINISH_REASONS
 
 

@@ -89,6 +89,7 @@ class ChatCompletions:
             )
             try:
                 await self._answer(opened, body, send, watch)
+                await opened.finish()  # after the answer went out: record, settle the lease
             finally:
                 await opened.aclose()
 
@@ -109,7 +110,11 @@ class ChatCompletions:
             watch.stop()  # a finished response reads as a disconnect
             await send({"type": "http.response.body", "body": last})
             return
-        result = await collect(opened)
+        result = ChatResult()
+        async for event in opened:
+            result.add(event)
+            if isinstance(event, Finish):
+                break  # the answer is complete: send it before the pipeline records it
         watch.stop()
         payload = orjson.dumps(completion_json(completion_id, created, opened.model, result))
         raw_headers += [_JSON, (b"content-length", str(len(payload)).encode())]
@@ -149,16 +154,6 @@ async def read_body(receive: Receive) -> bytes:
     return b"".join(parts)
 
 
-async def collect(opened: OpenedChat) -> ChatResult:
-    result = ChatResult()
-    try:
-        async for event in opened.events():
-            result.add(event)
-    finally:
-        await opened.aclose()
-    return result
-
-
 def parse_body(raw: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate_json(raw)
@@ -193,10 +188,11 @@ def _param(loc: tuple[int | str, ...]) -> str:
 
 
 async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
-    """Send the SSE events as they come; return the last one, which the caller sends to end the body."""
+    """Send the SSE events as they come; return the rest (finish, usage, [DONE]) for the caller to end the
+    body with, in one write."""
     usage: Usage | None = None
     try:
-        async for event in opened.events():
+        async for event in opened:
             if isinstance(event, TextDelta):
                 chunk = writer.delta({"content": event.text})
             elif isinstance(event, ToolCallDelta):
@@ -208,7 +204,9 @@ async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
                     call["function"] = {"name": event.name, "arguments": event.arguments}
                 chunk = writer.delta({"tool_calls": [call]})
             elif isinstance(event, Finish):
-                chunk = writer.delta({}, finish_reason=event.reason)
+                last = _event(writer.delta({}, finish_reason=event.reason))
+                final = writer.usage(usage)
+                return last + (_event(final) if final is not None else b"") + _DONE
             else:
                 usage = event
                 continue
@@ -228,10 +226,8 @@ async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
                 }
             }
         )
-    final = writer.usage(usage)
-    if final is not None:
-        await send({"type": "http.response.body", "body": _event(final), "more_body": True})
-    return _DONE
+    final = writer.usage(usage)  # no Finish: a provider that ended its stream without one
+    return (_event(final) if final is not None else b"") + _DONE
 
 
 def _event(payload: object) -> bytes:

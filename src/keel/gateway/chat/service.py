@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from opentelemetry.trace import NoOpTracer, Tracer
@@ -26,11 +26,12 @@ CHARS_PER_TOKEN = 4  # a cheap pre-call estimate; the real usage corrects the TP
 
 
 class OpenedChat:
-    """A started chat: its events (the first included) and the clean-up that must run exactly once.
+    """A started chat: iterate it for its events (the first included); then `finish()` or `aclose()`.
 
-    `aclose()` closes the pipeline and settles and releases the rate-limit lease. It runs when the events
-    are exhausted, and the router calls it again when the response ends, so a client that leaves before
-    the body is iterated at all still frees its concurrency slot.
+    `finish()`, after the answer went out: lets the pipeline run past its last event (its record stage),
+    then closes. Off the critical path: the client already has its answer while Keel records it.
+    `aclose()` closes the pipeline and settles and releases the rate-limit lease, exactly once; the router
+    calls it however the response ends, so a client that leaves early still frees its concurrency slot.
     """
 
     def __init__(
@@ -42,7 +43,7 @@ class OpenedChat:
         model: str,
         conversation_id: str | None,
     ) -> None:
-        self._first = first
+        self._first: ChatEvent | None = first
         self._rest = rest
         self._lease = lease
         self._used = 0
@@ -51,14 +52,24 @@ class OpenedChat:
         self.model = model
         self.conversation_id = conversation_id
 
-    async def events(self) -> AsyncIterator[ChatEvent]:
+    def __aiter__(self) -> OpenedChat:
+        return self
+
+    async def __anext__(self) -> ChatEvent:
+        # A plain iterator rather than an async generator: one layer less per event.
+        event = self._first
+        if event is None:
+            event = await anext(self._rest)
+        else:
+            self._first = None
+        if isinstance(event, Usage):
+            self._used = event.input_tokens + event.output_tokens
+        return event
+
+    async def finish(self) -> None:
         try:
-            event: ChatEvent | None = self._first
-            while event is not None:
-                if isinstance(event, Usage):
-                    self._used = event.input_tokens + event.output_tokens
-                yield event
-                event = await anext(self._rest, None)
+            async for _ in self:
+                pass  # nothing comes after Finish; this runs the pipeline's record stage
         finally:
             await self.aclose()
 
