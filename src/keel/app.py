@@ -142,7 +142,12 @@ async def build_components(
         if admin_key is not None:
             announce_admin_key(settings, admin_key)
 
-    writes = WriteQueue(engine, max_size=settings.write_queue_size, batch_size=settings.write_batch_size)
+    writes = WriteQueue(
+        engine,
+        max_size=settings.write_queue_size,
+        batch_size=settings.write_batch_size,
+        linger=settings.write_linger_seconds,
+    )
     writes.start()
     stack.push_async_callback(writes.close, settings.shutdown_drain_seconds)
     telemetry.metrics.queue_depth.set_function(lambda: len(writes))

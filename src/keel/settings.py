@@ -202,6 +202,8 @@ class Settings(BaseSettings):
 
     write_queue_size: int = Field(default=10_000, gt=0)
     write_batch_size: int = Field(default=200, gt=0)
+    # Audit rows wait up to this long for a fuller batch; conversation replies never wait.
+    write_linger_seconds: float = Field(default=0.1, ge=0, le=5)
     shutdown_drain_seconds: float = Field(default=30.0, gt=0)
     breaker_sync_seconds: float = Field(default=1.0, gt=0)  # with Redis: how often breaker states are read
 

@@ -27,3 +27,13 @@ def test_nested_values_and_user_patterns_with_flags() -> None:
         Redactor([]).text("untouched sk-proj-abcdefghijklmnop1234")
         == "untouched sk-proj-abcdefghijklmnop1234"
     )
+
+
+def test_patterns_with_leading_flags_combine_into_one_pass() -> None:
+    redactor = Redactor([*DEFAULT_REDACTIONS, r"(?i)secret-\d+"])
+    assert len(redactor._patterns) == 1
+    assert redactor.text("BEARER abcdefghijklmnopqrstuvwx and Secret-7 but not bearer") == (
+        f"{MASK} and {MASK} but not bearer"
+    )
+    # The flag stays with its own pattern: the others keep their case.
+    assert Redactor([r"(?i)x-\d", r"ab"]).text("X-1 AB ab") == f"{MASK} AB {MASK}"

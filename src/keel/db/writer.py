@@ -29,7 +29,7 @@ import asyncpg
 import orjson
 from sqlalchemy import Table
 from sqlalchemy.dialects.postgresql import JSON, JSONB
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class WriteQueue:
         *,
         max_size: int = 10_000,
         batch_size: int = 200,
-        linger: float = 0.02,
+        linger: float = 0.1,
     ) -> None:
         self._engine = engine
         self._max_size = max_size
@@ -58,6 +58,7 @@ class WriteQueue:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._encoders: dict[tuple[Table, tuple[str, ...]], Callable[[Row], tuple[Any, ...]]] = {}
+        self._held: AsyncConnection | None = None  # the writer's own connection, kept between batches
         self.written = 0
         self.failures = 0
         self.rejected = 0
@@ -98,6 +99,7 @@ class WriteQueue:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._release()
 
     async def _run(self) -> None:
         delay = 0.1
@@ -116,6 +118,7 @@ class WriteQueue:
                 await self._write_or_split(batch)
             except Exception:  # a dead database must not kill the writer: rows wait and retry
                 self.failures += 1
+                await self._release(broken=True)
                 log.exception("write queue: batch of %d failed; retrying in %.1fs", len(batch), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)  # retrying once a second is cheap; recovery stays quick
@@ -154,18 +157,36 @@ class WriteQueue:
         by_table: dict[tuple[Table, tuple[str, ...]], list[Row]] = defaultdict(list)
         for table, row in batch:
             by_table[table, tuple(row)].append(row)
-        async with self._engine.connect() as connection:
-            raw = await connection.get_raw_connection()
-            driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
-            async with driver.transaction():
-                for (table, columns), rows in by_table.items():
-                    encode = self._encoder(table, columns)
-                    await driver.copy_records_to_table(
-                        table.name,
-                        records=[encode(row) for row in rows],
-                        columns=columns,
-                        schema_name=table.schema,
-                    )
+        driver = await self._driver()
+        async with driver.transaction():
+            for (table, columns), rows in by_table.items():
+                encode = self._encoder(table, columns)
+                await driver.copy_records_to_table(
+                    table.name,
+                    records=[encode(row) for row in rows],
+                    columns=columns,
+                    schema_name=table.schema,
+                )
+
+    async def _driver(self) -> asyncpg.Connection:
+        """The asyncpg connection under the writer's own pooled connection. Kept, not checked out per
+        batch: at low load the checkout's ping and reset cost more than the COPY."""
+        if self._held is None:
+            self._held = await self._engine.connect()
+        raw = await self._held.get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+        return driver
+
+    async def _release(self, *, broken: bool = False) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            if broken:
+                await held.invalidate()  # never back into the pool
+            await held.close()
+        except Exception:  # already dead: nothing more to release
+            log.debug("write queue: closing its connection failed", exc_info=True)
 
     def _encoder(self, table: Table, columns: tuple[str, ...]) -> Callable[[Row], tuple[Any, ...]]:
         """Row dict → COPY record. JSON columns go as JSON text (the connection's codec takes text)."""

@@ -34,7 +34,7 @@ class Authenticator:
         self._ttl = ttl
         self._flush_every = flush_every
         self._cache: dict[bytes, tuple[Principal | None, float]] = {}
-        self._last_used: dict[uuid.UUID, datetime] = {}
+        self._last_used: dict[uuid.UUID, float] = {}  # epoch seconds: a datetime per request costs more
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -69,13 +69,15 @@ class Authenticator:
             self._cache[cache_key] = (principal, now + self._ttl)
         if principal is None:
             raise AuthenticationError("Incorrect API key provided.")
-        self._last_used[principal.key_id] = datetime.now(UTC)
+        self._last_used[principal.key_id] = time.time()
         return principal
 
     async def flush(self) -> None:
         used, self._last_used = self._last_used, {}
         try:
-            await self._tenants.record_last_used(used)
+            await self._tenants.record_last_used(
+                {key: datetime.fromtimestamp(seen, UTC) for key, seen in used.items()}
+            )
         except Exception:  # telemetry of key use must never fail a request; retry next round
             log.warning("could not record key last-used times; will retry", exc_info=True)
             self._last_used = used | self._last_used

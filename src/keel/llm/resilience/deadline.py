@@ -122,10 +122,12 @@ class _Watchdog:
         self.fired: FailureKind | None = None
 
     def arm(self) -> asyncio.Task[object]:
-        """Called before each wait: cheap, since it runs once per event."""
-        task = asyncio.current_task(self.loop)
-        assert task is not None
-        self.task = task
+        """Called before each wait: cheap, since it runs once per event. The task is looked up once: a
+        stream is read by one task (the request's) from its first event to its last."""
+        task = self.task
+        if task is None:
+            task = self.task = asyncio.current_task(self.loop)
+            assert task is not None
         self.since = since = self.loop.time()
         self.waiting = True
         due = since + (self.first_token if self.first else self.idle)
