@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from opentelemetry.trace import (
 
 from keel.context import ConversationStore
 from keel.llm import Attempt, ChatEvent, ChatRequest, ChatResult, LLMObserver, ModelRegistry, NoObserver
+from keel.llm.base import open_stream
 from keel.telemetry.tracing import record_span, stage, trace_id_hex
 
 log = logging.getLogger(__name__)
@@ -230,13 +231,17 @@ class ChatPipeline:
         outcome.trace_id = trace_id_hex(get_current_span(parent))
         model_span = self._tracer.start_span("model.call", context=parent)
         outcome.model_started = time.perf_counter()
-        events = model.stream(sent)
+        events: AsyncIterator[ChatEvent] | None = None
         try:
+            first, events = await open_stream(model, sent)
+            outcome.first_event = time.perf_counter()
+            outcome.result.add(first)
+            yield first
             async for event in events:
-                if outcome.first_event is None:
-                    outcome.first_event = time.perf_counter()
                 outcome.result.add(event)
                 yield event
+        except StopAsyncIteration:
+            pass  # a stream without events ended; it did not fail
         except BaseException as exc:  # recorded as failed, then re-raised untouched
             outcome.error = exc
             raise

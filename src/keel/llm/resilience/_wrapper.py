@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from keel.llm.base import ChatModel
-from keel.llm.events import ChatEvent
+from keel.llm.base import ChatModel, Opened
+from keel.llm.events import ChatEvent, ChatRequest
 
 
 class WrapperModel:
@@ -21,6 +21,25 @@ class WrapperModel:
 
     async def aclose(self) -> None:
         """The providers are closed by whoever built the stack."""
+
+
+class OpeningWrapper(WrapperModel):
+    """A wrapper whose work ends at the first event: choosing a deployment, retrying, falling back. It
+    implements `open` (see `keel.llm.base.open_stream`); `stream` is derived from it for callers that
+    iterate a ChatModel plainly."""
+
+    async def open(self, request: ChatRequest) -> Opened:
+        raise NotImplementedError
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        try:
+            first, events = await self.open(request)
+        except StopAsyncIteration:
+            return
+        async with closing(events):
+            yield first
+            async for event in events:
+                yield event
 
 
 class closing:  # lower case: used like contextlib.aclosing

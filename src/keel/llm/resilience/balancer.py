@@ -8,12 +8,11 @@ preferred (a retry goes elsewhere when it can), then one with a free concurrency
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from keel.llm.base import ChatModel
-from keel.llm.events import ChatEvent, ChatRequest
-from keel.llm.resilience._wrapper import WrapperModel, closing
+from keel.llm.base import ChatModel, Opened, open_stream
+from keel.llm.events import ChatRequest
+from keel.llm.resilience._wrapper import OpeningWrapper
 from keel.llm.resilience.breaker import CircuitBreaker
 from keel.llm.resilience.classify import DEPLOYMENT_FATAL, CircuitOpenError, NoDeploymentLeftError
 from keel.llm.resilience.limit import ConcurrencyLimit
@@ -34,7 +33,7 @@ class Deployment:
         return self.limit is None or self.limit.has_capacity()
 
 
-class Balancer(WrapperModel):
+class Balancer(OpeningWrapper):
     def __init__(
         self, alias: str, deployments: list[Deployment], *, rng: random.Random | None = None
     ) -> None:
@@ -43,7 +42,7 @@ class Balancer(WrapperModel):
         self.deployments = deployments
         self._rng = rng or random.Random()
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def open(self, request: ChatRequest) -> Opened:
         attempts = request.trace.attempts
         ruled_out = {a.deployment for a in attempts if a.error_type in DEPLOYMENT_FATAL}
         tried = {a.deployment for a in attempts}
@@ -63,19 +62,10 @@ class Balancer(WrapperModel):
                     model=self.alias,
                 )
             chosen = self._choose(healthy, tried)
-            events = chosen.model.stream(request)
             try:
-                first = await anext(events)
-            except StopAsyncIteration:
-                return
+                return await open_stream(chosen.model, request)
             except CircuitOpenError:  # opened between the choice and the call: choose again
                 candidates.remove(chosen)
-                continue
-            break
-        async with closing(events):
-            yield first
-            async for event in events:
-                yield event
 
     def _choose(self, healthy: list[Deployment], tried: set[str]) -> Deployment:
         if len(healthy) == 1:

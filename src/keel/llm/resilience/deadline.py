@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 
 from keel.errors import UpstreamTimeoutError
-from keel.llm.base import ChatModel
+from keel.llm.base import ChatModel, Opened, open_stream
 from keel.llm.events import ChatEvent, ChatRequest
 from keel.llm.resilience._wrapper import WrapperModel, closing
 from keel.llm.resilience.classify import FailureKind
@@ -40,9 +40,16 @@ class DeadlineModel(WrapperModel):
         self.total = total
 
     def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        self._start(request)
+        return self.inner.stream(request)
+
+    async def open(self, request: ChatRequest) -> Opened:
+        self._start(request)
+        return await open_stream(self.inner, request)
+
+    def _start(self, request: ChatRequest) -> None:
         if request.trace.deadline is None:
             request.trace.deadline = time.monotonic() + self.total
-        return self.inner.stream(request)
 
 
 class AttemptTimeouts(WrapperModel):

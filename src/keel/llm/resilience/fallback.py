@@ -9,7 +9,6 @@ overloaded, unreachable), 502 otherwise.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from keel.errors import (
@@ -19,9 +18,9 @@ from keel.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from keel.llm.base import ChatModel
-from keel.llm.events import ChatEvent, ChatRequest
-from keel.llm.resilience._wrapper import WrapperModel, closing
+from keel.llm.base import ChatModel, Opened, open_stream
+from keel.llm.events import ChatRequest
+from keel.llm.resilience._wrapper import OpeningWrapper
 from keel.llm.resilience.classify import UNAVAILABLE, FailureKind, classify
 from keel.llm.resilience.deadline import expired
 from keel.llm.trace import CallTrace, LLMObserver
@@ -34,14 +33,14 @@ class Link:
     context_window: int | None = None
 
 
-class FallbackModel(WrapperModel):
+class FallbackModel(OpeningWrapper):
     def __init__(self, chain: list[Link], *, observer: LLMObserver) -> None:
         super().__init__(chain[0].model)
         self.chain = chain
         self.alias = chain[0].alias
         self.observer = observer
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def open(self, request: ChatRequest) -> Opened:
         trace = request.trace
         skipped: list[str] = []  # aliases passed over because their breakers were open
         last: KeelError | None = None
@@ -56,11 +55,8 @@ class FallbackModel(WrapperModel):
                     break
                 self.observer.fell_back(previous, link.alias)
             previous = link.alias
-            events = link.model.stream(request)
             try:
-                first = await anext(events)
-            except StopAsyncIteration:
-                return
+                return await open_stream(link.model, request)
             except KeelError as exc:
                 kind = classify(exc)
                 if kind is FailureKind.INVALID_REQUEST:
@@ -71,12 +67,6 @@ class FallbackModel(WrapperModel):
                 elif kind is FailureKind.CIRCUIT_OPEN:
                     skipped.append(link.alias)
                 last = exc
-                continue
-            async with closing(events):
-                yield first
-                async for event in events:
-                    yield event
-            return
         if too_long is not None and not expired(trace):
             raise too_long  # no larger model could take it: the client must shorten the request
         assert last is not None

@@ -13,12 +13,12 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 from keel.errors import KeelError
-from keel.llm.base import ChatModel
-from keel.llm.events import ChatEvent, ChatRequest
-from keel.llm.resilience._wrapper import WrapperModel, closing
+from keel.llm.base import ChatModel, Opened, open_stream
+from keel.llm.events import ChatRequest
+from keel.llm.resilience._wrapper import OpeningWrapper
 from keel.llm.resilience.classify import DEPLOYMENT_FATAL, RETRYABLE, NoDeploymentLeftError, classify
 from keel.llm.resilience.deadline import remaining
 from keel.llm.trace import LLMObserver
@@ -27,7 +27,7 @@ from keel.settings import RetryConfig
 _MAX_SKIPS = 64  # more deployments than any alias has: a guard, should the balancer not rule one out
 
 
-class RetryModel(WrapperModel):
+class RetryModel(OpeningWrapper):
     def __init__(
         self,
         inner: ChatModel,
@@ -43,15 +43,12 @@ class RetryModel(WrapperModel):
         self.observer = observer
         self._rng = rng or random.Random()
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def open(self, request: ChatRequest) -> Opened:
         failures = skips = 0
         last: KeelError | None = None
         while True:
-            events = self.inner.stream(request)
             try:
-                first = await anext(events)
-            except StopAsyncIteration:
-                return
+                return await open_stream(self.inner, request)
             except NoDeploymentLeftError:
                 if last is None:
                     raise
@@ -71,12 +68,6 @@ class RetryModel(WrapperModel):
                 self.observer.retried(self.alias, kind.value)
                 if self.config.wait and delay > 0:
                     await asyncio.sleep(delay)
-                continue
-            break
-        async with closing(events):
-            yield first
-            async for event in events:
-                yield event
 
     def delay(self, failures: int, exc: KeelError, left: float | None) -> float | None:
         """Seconds to wait before the next attempt; None when waiting makes no sense (give up)."""
