@@ -96,19 +96,52 @@ async def test_rows_wait_while_the_table_is_locked_and_land_after(
 
 @pytest.mark.asyncio
 async def test_a_row_postgresql_refuses_is_dropped_alone(database_url: str, keel: KeelServer) -> None:
-    """A NUL character is valid JSON but not valid jsonb: that row goes, the batch around it lands."""
+    """A reply to a conversation that no longer exists (a foreign-key violation) goes; the batch around
+    it lands."""
     engine, tenant_id, conversation = await _setup(database_url)
     queue = WriteQueue(engine, batch_size=100)
     for i in range(50):
         row = _row(tenant_id, conversation, i)
         if i in (7, 31):
-            row["message"] = {"role": "assistant", "content": "bad \u0000 byte"}
+            row["conversation_id"] = f"deleted-{uuid.uuid4().hex[:8]}"
         queue.put(conversation_messages, row)
     queue.start()
     await asyncio.wait_for(queue.flush(), 10)
     assert await _count(engine, conversation) == 48
     assert queue.rejected == 2
     assert queue.failures == 0  # refused data is not an outage: no retry loop
+    await queue.close()
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_nul_characters_are_stored_as_replacement_characters(
+    database_url: str, keel: KeelServer
+) -> None:
+    """A NUL is valid JSON but no jsonb or text value holds it: the row is kept with U+FFFD in its place,
+    in JSON strings, JSON keys and plain text columns alike."""
+    engine, tenant_id, conversation = await _setup(database_url)
+    queue = WriteQueue(engine, batch_size=100)
+    for i in range(20):
+        row = _row(tenant_id, conversation, i)
+        if i == 5:
+            row["message"] = {"role": "assistant", "content": ["bad \u0000 byte"], "k\u0000": 1}
+            row["request_id"] = "req-\u0000"
+        queue.put(conversation_messages, row)
+    queue.start()
+    await asyncio.wait_for(queue.flush(), 10)
+    assert await _count(engine, conversation) == 20
+    assert queue.rejected == 0
+    async with engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                select(conversation_messages.c.message, conversation_messages.c.request_id).where(
+                    conversation_messages.c.request_id.like("req-\ufffd%")
+                )
+            )
+        ).one()
+    assert stored.message == {"role": "assistant", "content": ["bad \ufffd byte"], "k\ufffd": 1}
+    assert stored.request_id == "req-\ufffd"
     await queue.close()
     await engine.dispose()
 

@@ -177,3 +177,26 @@ def test_next_turn_sees_the_previous_reply_even_while_its_write_waits(
     )
     locker.join(30)
     assert [m["content"] for m in fake.requests[-1].body["messages"]] == ["one", "First answer.", "two"]
+
+
+def test_a_nul_character_in_a_stored_turn_is_a_400_not_a_500(
+    client: openai.OpenAI, keel: KeelServer, tenant: Any, fake: FakeUpstream
+) -> None:
+    """PostgreSQL cannot hold U+0000 in text: the client hears why, and the model is never called."""
+    conversation = f"conv-{uuid.uuid4().hex[:8]}"
+    calls = len(fake.requests)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="fake",
+            messages=[{"role": "user", "content": "a\u0000b"}],
+            extra_body={"conversation_id": conversation},
+        )
+    assert caught.value.code == "unstorable_value"
+    assert "NUL" in caught.value.message
+    assert caught.value.response.headers["x-request-id"]
+    assert len(fake.requests) == calls
+    # Without a conversation nothing is stored but the audit record: the answer comes back as usual.
+    fake.enqueue(Reply(text="fine"))
+    answer = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "a\u0000b"}])
+    assert answer.choices[0].message.content == "fine"
+    assert _get(keel, tenant.chat_key, conversation).status_code == 404

@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keel.db.tables import conversation_messages, conversations
-from keel.db.writer import WriteQueue
+from keel.db.writer import WriteQueue, without_nul
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,13 @@ class ConversationStore:
             task.add_done_callback(self._direct.discard)
 
     async def _write_direct(self, row: dict[str, Any]) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(conversation_messages.insert(), [row])
+        try:
+            async with self._engine.begin() as conn:
+                # NUL (which a model may emit) is replaced here as the queue would on refusal
+                await conn.execute(conversation_messages.insert(), [without_nul(row)])
+        except Exception:
+            log.exception("conversation %s: a reply could not be stored", row["conversation_id"])
+            raise
 
     async def drain(self) -> None:
         if self._direct:

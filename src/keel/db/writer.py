@@ -11,9 +11,10 @@ one transaction carries many requests' audit rows instead of one each.
 If PostgreSQL is unreachable the batch is retried with backoff and rows keep waiting. A batch that
 PostgreSQL refuses for its data (SQLSTATE class 22 or 23: a NUL byte in a JSON string, a conversation
 deleted meanwhile), or that holds a value JSON cannot encode, is split until the offending rows are alone;
-those are logged and dropped (`rejected`), the rest written. When the queue is full `put` does not drop
-the row: it reports False so the caller can write it itself. `close()` drains what is left, bounded by a
-deadline, and logs anything it could not write.
+a lone row with NUL characters is written again with them replaced by U+FFFD (the audit record of a
+request that held one is kept, not lost); other refused rows are logged and dropped (`rejected`), the rest
+written. When the queue is full `put` does not drop the row: it reports False so the caller can write it
+itself. `close()` drains what is left, bounded by a deadline, and logs anything it could not write.
 """
 
 from __future__ import annotations
@@ -139,6 +140,15 @@ class WriteQueue:
                 raise
             if len(batch) == 1:
                 table, row = batch[0]
+                clean = without_nul(row)
+                if clean != row:  # a NUL no PostgreSQL text holds: keep the record, mark the spot
+                    log.warning(
+                        "write queue: a %s row (request %s) held NUL characters; stored as U+FFFD",
+                        table.name,
+                        row.get("request_id"),
+                    )
+                    await self._write_or_split([(table, clean)])
+                    return
                 self.rejected += 1
                 log.error(
                     "write queue: PostgreSQL refused a %s row (request %s) and it was dropped: %s",
@@ -204,6 +214,19 @@ class WriteQueue:
 
             self._encoders[key] = encoder
         return encoder
+
+
+def without_nul(value: Any) -> Any:
+    """The value with every NUL in its strings (dict keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(without_nul(v) for v in value)
+    return value
 
 
 def _json(value: Any) -> str:

@@ -23,6 +23,8 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
 }
+# untranslatable_character (a \u0000 escape in JSON), character_not_in_repertoire (a 0x00 byte in text)
+_NUL_STATES = ("22P05", "22021")
 
 
 def error_response(status: int, envelope: object, headers: dict[str, str] | None = None) -> Response:
@@ -41,6 +43,33 @@ def keel_error_response(exc: KeelError) -> Response:
     if exc.status >= 500:
         log.warning("request failed: %s", exc.message, extra={"status": exc.status, "error_type": exc.type})
     return error_response(exc.status, exc.envelope(), exc.headers)
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    """The PostgreSQL error code under SQLAlchemy's wrapper ('' when the database gave none)."""
+    for err in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        code = getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
+        if code:
+            return str(code)
+    return ""
+
+
+def database_error_response(exc: DBAPIError) -> Response:
+    """PostgreSQL refusing a value of the request (SQLSTATE class 22, e.g. a NUL character, which no
+    PostgreSQL text or JSON value can hold) is the client's 400; anything else is the database away."""
+    sqlstate = _sqlstate(exc)
+    if not sqlstate.startswith("22"):
+        return database_unavailable_response(exc)
+    hint = " (PostgreSQL cannot store the NUL character \\u0000)" if sqlstate in _NUL_STATES else ""
+    log.info("database refused a request value: SQLSTATE %s", sqlstate)
+    return error_response(
+        400,
+        _envelope(
+            f"The request holds a value that cannot be stored{hint}.",
+            "invalid_request_error",
+            code="unstorable_value",
+        ),
+    )
 
 
 def database_unavailable_response(exc: Exception) -> Response:
@@ -80,7 +109,7 @@ def response_for(exc: Exception, request_id: str) -> Response:
     if isinstance(exc, KeelError):
         return keel_error_response(exc)
     if isinstance(exc, DBAPIError):
-        return database_unavailable_response(exc)
+        return database_error_response(exc)
     if isinstance(exc, OSError):
         return dependency_unavailable_response(exc)
     return unexpected_error_response(request_id)
@@ -115,8 +144,9 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
-async def database_unavailable(request: Request, exc: Exception) -> Response:
-    return database_unavailable_response(exc)
+async def database_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DBAPIError)
+    return database_error_response(exc)
 
 
 async def dependency_unavailable(request: Request, exc: Exception) -> Response:
@@ -131,6 +161,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(KeelError, keel_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(DBAPIError, database_unavailable)
+    app.add_exception_handler(DBAPIError, database_error)
     app.add_exception_handler(OSError, dependency_unavailable)  # e.g. connection refused on connect
     app.add_exception_handler(Exception, unexpected_error)
