@@ -176,14 +176,25 @@ def _client(server: KeelServer, key: str) -> openai.OpenAI:
 
 
 @pytest.fixture
-def make_client() -> Callable[[KeelServer, str], openai.OpenAI]:
-    """The official SDK, no retries (so each test sees the first answer)."""
-    return _client
+def make_client() -> Iterator[Callable[[KeelServer, str], openai.OpenAI]]:
+    """The official SDK, no retries (so each test sees the first answer); closed after the test, so no
+    pooled socket is left for the garbage collector to warn about."""
+    made: list[openai.OpenAI] = []
+
+    def make(server: KeelServer, key: str) -> openai.OpenAI:
+        made.append(_client(server, key))
+        return made[-1]
+
+    yield make
+    for sdk in made:
+        sdk.close()
 
 
 @pytest.fixture
-def client(keel: KeelServer, tenant: TenantKeys) -> openai.OpenAI:
-    return _client(keel, tenant.chat_key)
+def client(
+    keel: KeelServer, tenant: TenantKeys, make_client: Callable[[KeelServer, str], openai.OpenAI]
+) -> openai.OpenAI:
+    return make_client(keel, tenant.chat_key)
 
 
 REDIS_URL = os.environ.get("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,11 @@ def _lock_table_for(database_url: str, seconds: float, locked: threading.Event) 
 
 
 def test_sigterm_drains_in_flight_requests_and_writes(
-    database_url: str, fake: FakeUpstream, tmp_path: Path, tenant: Any
+    database_url: str,
+    fake: FakeUpstream,
+    tmp_path: Path,
+    tenant: Any,
+    make_client: Callable[..., openai.OpenAI],
 ) -> None:
     config = tmp_path / "keel.toml"
     config.write_text(
@@ -66,7 +71,7 @@ def test_sigterm_drains_in_flight_requests_and_writes(
         count = 16
         fake.enqueue(*[Reply(text=f"reply {i}", delay=1.0) for i in range(count)])
         conversations = [f"shutdown-{uuid.uuid4().hex[:8]}" for _ in range(count)]
-        client = openai.OpenAI(base_url=server.base_url, api_key=tenant.chat_key, max_retries=0)
+        client = make_client(server, tenant.chat_key)
         answers: list[str | None] = []
 
         def ask(conversation: str) -> None:

@@ -53,5 +53,7 @@ def matrix(
 
 
 @pytest.fixture
-def client(matrix: KeelServer, make_tenant: Callable[..., Any]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=matrix.base_url, api_key=make_tenant().chat_key, max_retries=0, timeout=30)
+def client(
+    matrix: KeelServer, make_tenant: Callable[..., Any], make_client: Callable[..., openai.OpenAI]
+) -> openai.OpenAI:
+    return make_client(matrix, make_tenant().chat_key)

@@ -133,11 +133,12 @@ def _breaker_models(name: str, fake: FakeUpstream, backup: FakeUpstream) -> dict
 def test_11_breaker_opens_skips_probes_and_lets_traffic_return(
     start_keel: Callable[..., KeelServer],
     make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI],
     fake: FakeUpstream,
     backup: FakeUpstream,
 ) -> None:
     server = start_keel(models=_breaker_models("primary", fake, backup), default_model="primary")
-    client = openai.OpenAI(base_url=server.base_url, api_key=make_tenant().chat_key, max_retries=0)
+    client = make_client(server, make_tenant().chat_key)
     fake.default_reply = Reply(status=500)
     for stream in (False, True, False):  # three failures in a row: the threshold
         assert ask(client, "primary", stream=stream).model == "backup"
@@ -178,6 +179,7 @@ def _breaker_open_on(server: KeelServer) -> bool:
 def test_12_breaker_state_is_shared_through_redis(
     start_keel: Callable[..., KeelServer],
     make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI],
     redis_url: str,
     fake: FakeUpstream,
     backup: FakeUpstream,
@@ -191,8 +193,7 @@ def test_12_breaker_state_is_shared_through_redis(
     }
     first, second = start_keel(**shared), start_keel(**shared)
     key = make_tenant().chat_key
-    one = openai.OpenAI(base_url=first.base_url, api_key=key, max_retries=0)
-    two = openai.OpenAI(base_url=second.base_url, api_key=key, max_retries=0)
+    one, two = make_client(first, key), make_client(second, key)
 
     fake.default_reply = Reply(status=500)
     for _ in range(3):
