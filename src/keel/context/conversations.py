@@ -93,9 +93,8 @@ class ConversationStore:
             async with self._engine.begin() as conn:
                 # NUL (which a model may emit) is replaced here as the queue would on refusal
                 await conn.execute(conversation_messages.insert(), [without_nul(row)])
-        except Exception:
+        except Exception:  # reported here: nobody awaits this task's result
             log.exception("conversation %s: a reply could not be stored", row["conversation_id"])
-            raise
 
     async def drain(self) -> None:
         if self._direct:
