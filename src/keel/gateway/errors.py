@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,12 +47,10 @@ def keel_error_response(exc: KeelError) -> Response:
 
 
 def _sqlstate(exc: DBAPIError) -> str:
-    """The PostgreSQL error code under SQLAlchemy's wrapper ('' when the database gave none)."""
-    for err in (exc.orig, getattr(exc.orig, "__cause__", None)):
-        code = getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
-        if code:
-            return str(code)
-    return ""
+    """The PostgreSQL error code of asyncpg's error under SQLAlchemy's two wrappers ('' when the
+    database gave none, e.g. the connection dropped)."""
+    cause = exc.orig.__cause__ if exc.orig is not None else None
+    return str(cause.sqlstate) if isinstance(cause, asyncpg.PostgresError) else ""
 
 
 def database_error_response(exc: DBAPIError) -> Response:
