@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -61,12 +61,21 @@ async def text_of(model: LocalChatModel, request: ChatRequest) -> str:
     return result_of(await collect(model, request)).text
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
+async def eventually(condition: Callable[[], Awaitable[bool]]) -> None:
     for _ in range(500):
-        if condition():
+        if await condition():
             return
         await asyncio.sleep(0.01)
     pytest.fail("condition not met within 5 s")
+
+
+async def has_queued(model: LocalChatModel, count: int) -> bool:
+    return await queued(model) == count
+
+
+async def queued(model: LocalChatModel) -> int:
+    """Requests waiting for a llama instance, as the worker process counts them."""
+    return int((await model.load())["queued"])
 
 
 def result_of(events: list[ChatEvent]) -> ChatResult:
@@ -177,7 +186,7 @@ async def test_full_queue_is_refused_at_once_and_a_cancelled_waiter_leaves_it() 
         running = model.stream(ask(STORY, max_tokens=400))
         assert isinstance(await anext(running), TextDelta)
         waiting = asyncio.create_task(collect(model, ask(QUESTION, max_tokens=4)))
-        await eventually(lambda: model.queued == 1)
+        await eventually(lambda: has_queued(model, 1))
 
         with pytest.raises(OverloadedError) as caught:
             await collect(model, ask(QUESTION, max_tokens=4))
@@ -188,7 +197,7 @@ async def test_full_queue_is_refused_at_once_and_a_cancelled_waiter_leaves_it() 
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert model.queued == 0
+        assert await queued(model) == 0
         later = asyncio.create_task(collect(model, ask(QUESTION, max_tokens=4)))
         await running.aclose()
         assert result_of(await later).usage is not None
@@ -228,7 +237,7 @@ async def test_shutdown_ends_running_and_waiting_streams() -> None:
         running = model.stream(ask(STORY, max_tokens=2000))
         await anext(running)
         waiting = asyncio.create_task(collect(model, ask(QUESTION, max_tokens=4)))
-        await eventually(lambda: model.queued == 1)
+        await eventually(lambda: has_queued(model, 1))
         await asyncio.wait_for(model.aclose(), timeout=1.0)
         with pytest.raises(UpstreamUnavailableError, match="shutting down"):
             await waiting

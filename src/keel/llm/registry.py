@@ -83,4 +83,4 @@ def build_model(alias: str, config: ModelConfig, settings: Settings, client: Htt
         return AnthropicChatModel(alias, config, client)
     from keel.llm.local import LocalChatModel
 
-    return LocalChatModel(alias, config, settings.local)
+    return LocalChatModel(alias, config, settings.local, client)

@@ -122,8 +122,10 @@ class RedisListener(_Listener):
 
     async def _session(self) -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.retry import (
+            Retry,
+        )  # the asyncio one: redis-py 8 warns on (and converts) the sync one
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         # No silent reconnects: a reconnect we are not told of is a gap in which changes go unheard.
         client = Redis.from_url(self._url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=5)
@@ -146,7 +148,7 @@ class RedisListener(_Listener):
         finally:
             self._lost()
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
             with contextlib.suppress(Exception):
                 await client.aclose()
 

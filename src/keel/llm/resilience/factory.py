@@ -88,7 +88,9 @@ def build_stacks(
             if max_concurrent is not None:
                 model = limit = ConcurrencyLimit(model, max_concurrent, name=name)
             breaker = None
-            if config.breaker.enabled:
+            # Not for a local worker: its supervisor knows the moment it is back (a breaker would keep it
+            # shut for a cooldown), and with Redis one replica's worker would shut every replica's.
+            if config.breaker.enabled and config.provider != "local":
                 breaker = stacks.breakers[name] = CircuitBreaker(name, config.breaker, observer)
                 model = BreakerModel(model, breaker)
             deployments.append(Deployment(name, model, deployment.weight, breaker, limit))
