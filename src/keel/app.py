@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from fastapi import FastAPI
 from prometheus_client import start_http_server
@@ -23,6 +25,7 @@ from keel.gateway import Components, GatewayMiddleware
 from keel.gateway import errors as error_handlers
 from keel.gateway.audit_routes import router as audit_router
 from keel.gateway.auth import Authenticator
+from keel.gateway.chat.openapi import install_openapi
 from keel.gateway.chat.router import chat_route
 from keel.gateway.chat.service import ChatService
 from keel.gateway.prompts_routes import router as prompts_router
@@ -31,6 +34,7 @@ from keel.gateway.routes import router as small_routes
 from keel.llm import ModelRegistry
 from keel.llm.http import HttpClient
 from keel.pipeline import ChatPipeline, ConversationRecorder
+from keel.process_guard import exit_with_parent
 from keel.prompts import PromptRuntime
 from keel.ratelimit import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
 from keel.settings import Settings
@@ -66,6 +70,7 @@ def create_app(settings: Settings) -> GatewayMiddleware:
     cors = _cors(settings)
     chat = chat_route(app, [Middleware(CORSMiddleware, **cors)] if cors else [])
     app.router.routes.append(chat)  # served by GatewayMiddleware as a hot route; here for its 405
+    install_openapi(app)  # FastAPI cannot see the hot route: /openapi.json gets it from here
     app.include_router(small_routes)
     app.include_router(audit_router)
     app.include_router(prompts_router)
@@ -76,6 +81,7 @@ def create_app(settings: Settings) -> GatewayMiddleware:
     return GatewayMiddleware(
         app,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_read_timeout_seconds,
         tracer=telemetry.tracing.tracer,
         metrics=telemetry.metrics,
         hot_routes=[chat],
@@ -91,6 +97,7 @@ def _cors(settings: Settings) -> dict[str, Any] | None:
         "allow_headers": ["*"],
         "expose_headers": [
             "x-request-id",
+            "x-client-request-id",
             "x-keel-conversation-id",
             "retry-after",
             "x-keel-model",
@@ -136,23 +143,31 @@ async def build_components(
     stack.push_async_callback(database.close)
     engine = await database.open()
 
-    tenants = TenantService(engine)
+    tenants = TenantService(engine, settings)
     if serving:
         admin_key = await tenants.bootstrap()
         if admin_key is not None:
             announce_admin_key(settings, admin_key)
 
+    prepare: ProcessPoolExecutor | None = None
+    if serving:  # audit redaction in a process of its own: a thread would hold the GIL (db/writer.py)
+        prepare = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent
+        )
+        stack.callback(prepare.shutdown, cancel_futures=True)  # after the queue has drained (LIFO)
+        prepare.submit(int)  # start its process now, not on the first audit record
     writes = WriteQueue(
         engine,
         max_size=settings.write_queue_size,
         batch_size=settings.write_batch_size,
         linger=settings.write_linger_seconds,
+        executor=prepare,
     )
     writes.start()
     stack.push_async_callback(writes.close, settings.shutdown_drain_seconds)
     telemetry.metrics.queue_depth.set_function(lambda: len(writes))
 
-    client = HttpClient(keepalive=30)  # every upstream call: model providers and readiness probes
+    client = HttpClient(settings.upstream)  # every upstream call: model providers and readiness probes
     stack.push_async_callback(client.aclose)
 
     redis = _redis(settings, stack)  # one client, shared by the rate limiter and the circuit breakers
@@ -167,6 +182,8 @@ async def build_components(
         ttl=settings.auth_cache_ttl_seconds,
         flush_every=settings.key_usage_flush_seconds,
         tracer=tracer,
+        cache_size=settings.auth_cache_size,
+        failures_per_minute=settings.auth_failures_per_minute,
     )
     authenticator.start()
     stack.push_async_callback(authenticator.aclose)
@@ -174,7 +191,11 @@ async def build_components(
     conversations = ConversationStore(engine, writes)
     stack.push_async_callback(conversations.drain)  # runs before writes.close (LIFO)
     audit = AuditRecorder(
-        writes, telemetry.metrics, Redactor(settings.redact_patterns), enabled=settings.audit_enabled
+        writes,
+        telemetry.metrics,
+        Redactor(settings.redact_patterns, max_chars=settings.redact_max_chars),
+        enabled=settings.audit_enabled,
+        hash_end_user=settings.audit_end_user == "hash",
     )
     prompts = PromptRuntime(settings, engine, database.url, redis)
     if serving:  # listener and canary guard; elsewhere the resolver reads the database directly
@@ -188,6 +209,11 @@ async def build_components(
         tracer=tracer,
         trace_content=settings.trace_content,
         observer=telemetry.metrics,
+        output_caps={
+            alias: config.max_output_tokens
+            for alias, config in settings.models.items()
+            if config.max_output_tokens is not None
+        },
     )
     store = AuditStore(engine)
     if serving:
@@ -206,6 +232,8 @@ async def build_components(
         writes=writes,
         prompts=prompts.registry,
         feedback=prompts.feedback,
+        limiter=limiter,  # every other route takes one request from it (gateway.deps)
+        tiers=settings.tiers,
     )
 
 
@@ -239,17 +267,17 @@ async def _rate_limiter(settings: Settings, stack: AsyncExitStack, redis: Redis 
     return limiter
 
 
-def announce_admin_key(settings: Settings, key: str) -> Path:
-    """First start: print the admin key once and keep it in DATA_DIR/admin.key (mode 0600)."""
+def announce_admin_key(settings: Settings, key: str, stream: TextIO | None = None) -> Path:
+    """First start: keep the admin key in DATA_DIR/admin.key (mode 0600 before a byte is written), and
+    show it once only when `stream` (default stderr) is a terminal: piped to a log collector, it would
+    stay in the logs, so then only the file's path is printed."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     path = settings.data_dir / "admin.key"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
+        os.fchmod(fd, 0o600)  # a file that already existed keeps its mode through O_CREAT
         handle.write(key + "\n")
-    os.chmod(path, 0o600)
-    print(
-        f"\nKeel created tenant 'default' and its admin key (also saved in {path}):\n\n    {key}\n",
-        file=sys.stderr,
-        flush=True,
-    )
+    out = stream if stream is not None else sys.stderr
+    shown = f":\n\n    {key}\n" if out.isatty() else " (not shown: the output is not a terminal)."
+    print(f"\nKeel created tenant 'default' and its admin key, saved in {path}{shown}", file=out, flush=True)
     return path

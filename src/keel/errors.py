@@ -5,6 +5,7 @@
     ├── AuthenticationError        401 authentication_error    (missing or unknown API key)
     ├── PermissionDeniedError      403 permission_error        (key lacks the scope)
     ├── NotFoundError              404 not_found_error         (unknown model, conversation, ...)
+    ├── RequestTimeoutError        408 invalid_request_error   (the body did not arrive in time)
     ├── PayloadTooLargeError       413 invalid_request_error   (body over the limit)
     ├── RateLimitError             429 rate_limit_error        (tenant over its tier; Retry-After)
     │   └── UpstreamRateLimitError 429 rate_limit_error        (a provider's 429, with its headers)
@@ -68,6 +69,12 @@ class PermissionDeniedError(KeelError):
 class NotFoundError(KeelError):
     status = 404
     type = "not_found_error"
+
+
+class RequestTimeoutError(KeelError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class PayloadTooLargeError(KeelError):

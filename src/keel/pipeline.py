@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -33,8 +33,19 @@ from opentelemetry.trace import (
 )
 
 from keel.context import ConversationStore
-from keel.llm import Attempt, ChatEvent, ChatRequest, ChatResult, LLMObserver, ModelRegistry, NoObserver
+from keel.errors import UpstreamTimeoutError
+from keel.llm import (
+    Attempt,
+    ChatEvent,
+    ChatRequest,
+    ChatResult,
+    LLMObserver,
+    ModelRegistry,
+    NoObserver,
+    Usage,
+)
 from keel.llm.base import open_stream
+from keel.ratelimit import estimate_usage
 from keel.telemetry.tracing import record_span, stage, trace_id_hex
 
 log = logging.getLogger(__name__)
@@ -53,6 +64,20 @@ def apply_prompt(call: ChatCall, prompt: ResolvedPrompt) -> ChatRequest:
     if prompt.info:
         call.prompt = {**(call.prompt or {}), **prompt.info}
     return replace(request, **changes) if changes else request
+
+
+def _charge(outcome: CallOutcome) -> None:
+    """The call's usage: reported, or estimated when the model got the prompt and no usage came back
+    (a stream that started, or one cut off by the client or a deadline while the upstream worked on it);
+    an upstream that refused the call is charged nothing."""
+    result, call = outcome.result, outcome.call
+    if result.usage is None and (
+        outcome.first_event is not None
+        or isinstance(outcome.error, asyncio.CancelledError | UpstreamTimeoutError)
+    ):
+        result.usage = estimate_usage(outcome.sent, result)
+        call.usage_estimated = True
+    call.usage = result.usage
 
 
 def _ms(seconds: float) -> float:
@@ -87,6 +112,14 @@ class ChatCall:
     received: float = 0.0  # time.perf_counter() when the gateway got the request
     audit_content: bool = True  # False: the tenant wants metadata only in audit records
     replay_of: str | None = None
+    client_request_id: str | None = None  # the client's own X-Request-Id; request_id is always Keel's
+    # Raises when the caller may not call this alias (`Principal.require_model`); None: any alias.
+    check_model: Callable[[str], None] | None = None
+    # Filled as the call ends, before the record stage: what it used, as the model reported it or, when no
+    # usage arrived (client gone mid-stream, stream failed, timed out), estimated from what was sent and
+    # streamed (`usage_estimated`). The rate limiter is settled with it; the ledger and audit record it.
+    usage: Usage | None = None
+    usage_estimated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +235,7 @@ class ChatPipeline:
         tracer: Tracer | None = None,
         trace_content: bool = False,
         observer: LLMObserver | None = None,
+        output_caps: Mapping[str, int] | None = None,
     ) -> None:
         self._models = models
         self._conversations = conversations
@@ -212,6 +246,15 @@ class ChatPipeline:
         self._tracer = tracer or NoOpTracer()
         self._trace_content = trace_content
         self._observer = observer or NoObserver()
+        self._output_caps = output_caps or {}  # alias → its configured max_output_tokens
+
+    def cap_output(self, request: ChatRequest) -> ChatRequest:
+        """`max_tokens` above the alias's `max_output_tokens` is lowered to it, as LiteLLM-style gateways
+        do: the request is served, with at most the reply length the operator allows for that alias."""
+        cap = self._output_caps.get(request.model)
+        if cap is None or request.max_tokens is None or request.max_tokens <= cap:
+            return request
+        return replace(request, max_tokens=cap)
 
     async def stream(self, call: ChatCall) -> AsyncGenerator[ChatEvent, None]:
         """Yield the model's events. Errors before the first event surface as they are (for HTTP status)."""
@@ -222,6 +265,9 @@ class ChatPipeline:
             prompt = await self._prompts.resolve(call)
         if prompt is not NO_PROMPT:
             call.request = apply_prompt(call, prompt)
+        call.request = self.cap_output(call.request)  # after the prompt stage: its config may choose either
+        if call.check_model is not None:  # after the prompt stage: a prompt's model config may choose
+            call.check_model(call.request.model)
         model = self._models.get(call.request.model)  # unknown alias: NotFoundError before more work
         history, retrieved = await self._load_and_retrieve(call, parent, stages)
         with stage(self._tracer, "context.assemble", parent, stages):
@@ -264,6 +310,7 @@ class ChatPipeline:
             if outcome.error is not None:
                 model_span.set_status(Status(StatusCode.ERROR, type(outcome.error).__name__))
             model_span.end()
+            _charge(outcome)
             with stage(self._tracer, "record", parent, stages):
                 self._record(outcome)
 

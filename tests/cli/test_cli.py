@@ -43,7 +43,7 @@ def test_tenants_and_keys_lifecycle(
     time.sleep(0.5)
     assert "never" not in keel_cli("keys", "list", "--tenant", name).stdout  # last-used flushed
 
-    keel_cli("keys", "revoke", key[:16])
+    keel_cli("keys", "revoke", key[:16], "--tenant", name)
     deadline = time.monotonic() + 0.5 + 2.0  # the documented TTL, plus slack for a busy machine
     while time.monotonic() < deadline:
         try:

@@ -165,3 +165,43 @@ async def test_rows_linger_for_a_batch_unless_urgent_or_flushed(database_url: st
     assert await _count(engine, conversation) == 3
     await queue.close()
     await engine.dispose()
+
+
+def _shout(row: dict[str, object]) -> dict[str, object]:
+    """A picklable prepare: the message's content in capitals."""
+    message = dict(row["message"])  # type: ignore[call-overload]
+    message["content"] = str(message["content"]).upper()
+    return {**row, "message": message}
+
+
+def _refuse(row: dict[str, object]) -> dict[str, object]:
+    raise ValueError("no")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("in_process", [True, False], ids=["process", "thread"])
+async def test_prepare_runs_off_the_loop_and_a_failing_one_drops_its_row(
+    database_url: str, keel: KeelServer, in_process: bool
+) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    engine, tenant_id, conversation = await _setup(database_url)
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if in_process else None
+    queue = WriteQueue(engine, batch_size=100, executor=pool)
+    for i in range(6):
+        prepare = _refuse if i == 4 else _shout if i % 2 else None
+        queue.put(conversation_messages, _row(tenant_id, conversation, i), prepare=prepare)
+    queue.start()
+    await asyncio.wait_for(queue.flush(), 30)
+    async with engine.connect() as conn:
+        query = select(conversation_messages.c.message).where(
+            conversation_messages.c.conversation_id == conversation
+        )
+        stored = sorted(row.message["content"] for row in await conn.execute(query))
+    assert stored == ["REPLY 1", "REPLY 3", "REPLY 5", "reply 0", "reply 2"]  # 4: never written raw
+    assert queue.rejected == 1
+    await queue.close()
+    if pool is not None:
+        pool.shutdown()
+    await engine.dispose()

@@ -154,20 +154,22 @@ def test_anthropic_alias_answers_in_openai_format(client: openai.OpenAI, fake: F
     assert sent.headers["x-api-key"] == "sk-ant-test"
 
 
-def test_request_id_is_honoured_or_generated(client: openai.OpenAI) -> None:
-    raw = client.chat.completions.with_raw_response.create(
-        model="fake",
-        messages=[{"role": "user", "content": "x"}],
-        extra_headers={"X-Request-ID": "my-trace-42"},
-    )
-    assert raw.headers["x-request-id"] == "my-trace-42"
+def test_request_ids_are_keels_own_and_a_client_id_is_kept_apart(client: openai.OpenAI) -> None:
+    ids = set()
+    for header in ("X-Request-ID", "X-Client-Request-Id", "X-Request-ID"):
+        raw = client.chat.completions.with_raw_response.create(
+            model="fake", messages=[{"role": "user", "content": "x"}], extra_headers={header: "my-trace-42"}
+        )
+        assert raw.headers["x-client-request-id"] == "my-trace-42"  # echoed, never taken as the id
+        ids.add(raw.headers["x-request-id"])
+    assert len(ids) == 3 and all(i.startswith("req_") and len(i) == 36 for i in ids)  # unique
     raw = client.chat.completions.with_raw_response.create(
         model="fake",
         messages=[{"role": "user", "content": "x"}],
         extra_headers={"X-Request-ID": "bad id\twith junk"},
     )
-    generated = raw.headers["x-request-id"]
-    assert generated.startswith("req_") and len(generated) > 10
+    assert raw.headers["x-request-id"].startswith("req_")
+    assert "x-client-request-id" not in raw.headers
 
 
 def test_models_lists_the_aliases(client: openai.OpenAI) -> None:

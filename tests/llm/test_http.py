@@ -7,6 +7,7 @@ import gzip
 import ssl
 import subprocess
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from keel.llm.http import ConnectError, ConnectionLost, HttpClient, ProtocolError
+from keel.settings import UpstreamSettings
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -335,4 +337,275 @@ async def test_https_verifies_the_server_and_sends_sni(tmp_path: Path) -> None:
     with pytest.raises(ConnectError):
         await default.request("POST", server.url(scheme="https", host="localhost"), headers={})
     await default.aclose()
+    await server.stop()
+
+
+# -- what a hostile or broken upstream cannot do ------------------------------------------------------
+
+
+def bounded(**limits: int) -> HttpClient:
+    return HttpClient(UpstreamSettings(https_proxy=None, http_proxy=None, no_proxy="", **limits))
+
+
+async def write_until_closed(
+    writer: asyncio.StreamWriter, piece: bytes, limit: int = 64 * 1024 * 1024
+) -> int:
+    """Write `piece` again and again (an endless answer) until the client closes; the bytes written."""
+    sent = 0
+    try:
+        while sent < limit:
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+    except (ConnectionError, OSError):
+        pass
+    return sent
+
+
+@pytest.mark.asyncio
+async def test_an_endless_header_is_a_protocol_error_and_the_connection_goes() -> None:
+    written: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-huge: ")
+        written.append(await write_until_closed(writer, b"a" * 16384))
+
+    server = await serve(handler)
+    client = bounded(max_header_bytes=32 * 1024)
+    with pytest.raises(ProtocolError, match="headers exceed 32768 bytes"):
+        await client.request("POST", server.url(), headers={})
+    await asyncio.wait_for(server.closed.wait(), 2)  # the client hung up: the server stops writing
+    assert written[0] < 8 * 1024 * 1024
+    await client.aclose()
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_too_many_header_fields_are_a_protocol_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await server.read_request(reader)) is not None:
+            count = int(request.split(b" ", 2)[1].rsplit(b"/", 1)[1])
+            writer.write(answer(b"ok", *(b"x-n: %d" % n for n in range(count - 1))))  # + content-length
+            await writer.drain()
+
+    server = await serve(handler)
+    client = bounded(max_headers=10)
+    response = await client.request("POST", server.url("/10"), headers={})
+    assert response.headers["x-n"] == ", ".join(str(n) for n in range(9))  # repeated names joined
+    assert await response.read() == b"ok"
+    response.release()
+    with pytest.raises(ProtocolError, match="more than 10 header fields"):
+        await client.request("POST", server.url("/11"), headers={})
+    await client.aclose()
+    default = HttpClient()
+    with pytest.raises(ProtocolError, match="more than 100 header fields"):
+        await default.request("POST", server.url("/5000"), headers={})
+    await default.aclose()
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_endless_gzip_body_stops_at_the_decompressed_bound() -> None:
+    zeros = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    head = zeros.compress(b"\0" * 1024 * 1024) + zeros.flush(zlib.Z_SYNC_FLUSH)
+    piece = zeros.compress(b"\0" * 1024 * 1024) + zeros.flush(zlib.Z_SYNC_FLUSH)  # ~1 KB: 1 MiB of zeros
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n" % (len(head), head))
+        await write_until_closed(writer, b"%x\r\n%s\r\n" % (len(piece), piece))
+
+    server = await serve(handler)
+    client = bounded(max_decompressed_bytes=4 * 1024 * 1024)
+    received: list[bytes] = []
+
+    async def read_all() -> None:
+        async for chunk in response.iter_chunks():
+            received.append(chunk)
+
+    response = await client.request("POST", server.url(), headers={})
+    with pytest.raises(ProtocolError, match="decompressed body exceeds 4194304 bytes"):
+        await read_all()
+    assert sum(map(len, received)) <= 4 * 1024 * 1024
+    response.close()
+    await asyncio.wait_for(server.closed.wait(), 2)
+    await client.aclose()
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_gzip_body_cut_short_is_a_protocol_error_not_a_short_answer(client: HttpClient) -> None:
+    whole = gzip.compress(b"data: " + bytes(range(256)) * 64 + b"\n\n")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer(whole[: len(whole) // 2], b"content-encoding: gzip"))
+        await writer.drain()
+        await server.read_request(reader)
+
+    server = await serve(handler)
+    response = await client.request("POST", server.url(), headers={})
+    assert response.status == 200  # the head was sound: the fault shows where the body is read
+    with pytest.raises(ProtocolError, match="ended early"):
+        await response.read()
+    response.close()
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_bytes_after_a_complete_answer_fail_it_and_are_never_merged(client: HttpClient) -> None:
+    smuggled = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-injected: 1\r\n\r\nevil!"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await server.read_request(reader) is not None:
+            if server.connections == 1:
+                writer.write(answer(b"one") + smuggled)  # in the same segment as the answer
+            else:
+                writer.write(answer(b"two"))
+            await writer.drain()
+
+    server = await serve(handler)
+    response = await client.request("POST", server.url(), headers={})
+    with pytest.raises(ProtocolError, match="bytes after the complete answer"):
+        await response.read()
+    assert "x-injected" not in response.headers
+    response.release()  # failed: closed, never pooled
+    response = await client.request("POST", server.url(), headers={})
+    assert "x-injected" not in response.headers
+    assert await response.read() == b"two"
+    response.release()
+    assert server.connections == 2
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_bytes_that_arrive_while_a_connection_is_idle_close_it(client: HttpClient) -> None:
+    released = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        if server.connections == 1:
+            writer.write(answer(b"one"))
+            await writer.drain()
+            await released.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-injected: 1\r\n\r\nevil")
+            await writer.drain()
+        else:
+            writer.write(answer(b"two"))
+            await writer.drain()
+        await server.read_request(reader)
+
+    server = await serve(handler)
+    response = await client.request("POST", server.url(), headers={})
+    assert await response.read() == b"one"
+    response.release()
+    released.set()
+    await asyncio.wait_for(server.closed.wait(), 2)  # the client closed the idle connection
+    response = await client.request("POST", server.url(), headers={})
+    assert "x-injected" not in response.headers
+    assert await response.read() == b"two"
+    response.release()
+    assert server.connections == 2
+    await server.stop()
+
+
+async def _dropped_after_the_second_request(method: str, client: HttpClient) -> Scripted:
+    """The server answers one request, reads the second on the same connection, then drops it without
+    a byte of answer (an upstream or load balancer dying mid-generation); later connections answer."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first_connection = server.connections == 1
+        while await server.read_request(reader) is not None:
+            if first_connection and len(server.requests) == 2:
+                writer.transport.abort()
+                return
+            writer.write(answer(b"ok"))
+            await writer.drain()
+
+    server = await serve(handler)
+    response = await client.request(method, server.url(), headers={})
+    assert await response.read() == b"ok"
+    response.release()
+    return server
+
+
+@pytest.mark.asyncio
+async def test_a_post_that_was_written_is_never_sent_again(client: HttpClient) -> None:
+    server = await _dropped_after_the_second_request("POST", client)
+    with pytest.raises(ConnectionLost):
+        await client.request("POST", server.url(), headers={}, body=b'{"n": 2}')
+    await asyncio.sleep(0.1)
+    assert len(server.requests) == 2  # the upstream saw the second POST once: no duplicate generation
+    assert server.connections == 1
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_get_on_a_connection_dropped_before_any_answer_is_sent_again(client: HttpClient) -> None:
+    server = await _dropped_after_the_second_request("GET", client)
+    response = await client.request("GET", server.url(), headers={})
+    assert await response.read() == b"ok"
+    response.release()
+    assert len(server.requests) == 3 and server.connections == 2
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_connections_per_origin_are_capped_and_the_rest_wait_in_line() -> None:
+    gate = asyncio.Event()
+    busy = 0
+    most_busy = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal busy, most_busy
+        while await server.read_request(reader) is not None:
+            busy += 1
+            most_busy = max(most_busy, busy)
+            await gate.wait()
+            busy -= 1
+            writer.write(answer(b"ok"))
+            await writer.drain()
+
+    server = await serve(handler)
+    client = bounded(max_connections_per_origin=2)
+
+    async def call() -> bytes:
+        response = await client.request("POST", server.url(), headers={}, total=10)
+        body = await response.read()
+        response.release()
+        return body
+
+    calls = [asyncio.create_task(call()) for _ in range(6)]
+    await asyncio.sleep(0.2)
+    assert (server.connections, len(server.requests)) == (2, 2)  # four wait for a connection
+    with pytest.raises(TimeoutError):  # waiting in line counts against the request's deadline
+        await client.request("POST", server.url(), headers={}, total=0.2)
+    gate.set()
+    assert await asyncio.gather(*calls) == [b"ok"] * 6
+    assert server.connections == 2 and most_busy == 2 and len(server.requests) == 6
+    await client.aclose()
+    await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_closed_connection_gives_its_place_in_the_cap_to_the_next_caller() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart")
+        await writer.drain()
+        await reader.read()
+
+    server = await serve(handler)
+    client = bounded(max_connections_per_origin=1)
+    first = await client.request("POST", server.url(), headers={})
+    waiting = asyncio.create_task(client.request("POST", server.url(), headers={}, total=5))
+    await asyncio.sleep(0.1)
+    assert not waiting.done() and server.connections == 1
+    first.close()  # abandoned mid-body: the slot goes to the caller in line, which opens a new connection
+    second = await asyncio.wait_for(waiting, 2)
+    assert second.status == 200 and server.connections == 2
+    second.close()
+    await client.aclose()
     await server.stop()

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from keel.errors import RateLimitError
-from keel.ratelimit import InMemoryRateLimiter, Lease, RateLimiter, RateLimitState
+from keel.llm import ChatRequest, ChatResult
+from keel.ratelimit import InMemoryRateLimiter, Lease, RateLimiter, RateLimitState, estimate_usage
 from keel.settings import TierLimits
 
 
@@ -244,3 +245,40 @@ async def test_negative_counts_are_rejected(clock: FakeClock) -> None:
     lease = await limiter.acquire("t1", tier(), 1)
     with pytest.raises(ValueError, match="actual_tokens"):
         await lease.settle(-1)
+
+
+@pytest.mark.asyncio
+async def test_reserve_after_acquire_refuses_for_tokens_alone_and_end_always_releases(
+    clock: FakeClock,
+) -> None:
+    limiter, limits = InMemoryRateLimiter(clock), tier(rpm=1, tpm=60, concurrent=1)
+    lease = await limiter.acquire("t1", limits, 0)  # the last request of the minute, the only slot
+    with pytest.raises(RateLimitError) as refused:
+        await lease.reserve(61)
+    assert refused.value.code == "request_too_large"
+    await lease.reserve(30)
+    with pytest.raises(RateLimitError) as refused:
+        await lease.reserve(31)
+    assert "tokens per minute" in refused.value.message
+    assert "requests per minute" not in refused.value.message  # its own request and slot are no reason
+    assert "concurrent" not in refused.value.message
+    assert lease.state.remaining_tokens == 30
+    await lease.end(45)  # 30 reserved, 45 used
+    clock.advance(60)
+    assert (await take(limiter, limits)).state.remaining_tokens == 60  # the slot came back, refilled
+
+
+@pytest.mark.asyncio
+async def test_pipeline_estimate_counts_prompt_tools_and_streamed_output() -> None:
+    request = ChatRequest(
+        model="m",
+        messages=[
+            {"role": "user", "content": "a" * 40},
+            {"role": "assistant", "content": [{"text": "b" * 8}]},
+        ],
+        tools=[{"type": "function", "function": {"name": "f" * 100}}],
+    )
+    result = ChatResult(text="c" * 9, tool_calls=[{"function": {"name": "go", "arguments": "{}"}}])
+    usage = estimate_usage(request, result)
+    assert usage.output_tokens == 4  # 13 characters, rounded up
+    assert usage.input_tokens > (40 + 8 + 100) // 4 + 2 * 4  # the tool definition's JSON counts too

@@ -4,10 +4,13 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from keel.errors import RateLimitError
 from keel.ratelimit import Lease, RedisRateLimiter
 from keel.settings import TierLimits
+from keel.testing import TcpProxy
 
 pytestmark = [pytest.mark.redis, pytest.mark.asyncio]
 
@@ -165,3 +168,86 @@ async def test_a_concurrent_burst_from_two_processes_admits_exactly_the_limit(
     for lease in admitted:
         await lease.release()
     assert (await take(one, limits, 1)).state.remaining_tokens == 52
+
+
+async def test_reserve_takes_tokens_or_refuses_for_tokens_alone(redis_client: Redis, prefix: str) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix), tier(rpm=10, tpm=60, concurrent=1)
+    lease = await limiter.acquire("t1", limits, 0)  # the request and the slot, before the body is read
+    await lease.reserve(40)
+    assert lease.state.remaining_tokens == 20
+    with pytest.raises(RateLimitError) as refused:
+        await lease.reserve(30)
+    assert "tokens per minute" in refused.value.message
+    assert "concurrent" not in refused.value.message  # its own slot is no reason
+    await lease.end(10)  # 40 reserved, 10 used: 30 back
+    assert (await take(limiter, limits, 0)).state.remaining_tokens == 50
+    await limiter.aclose()
+
+
+async def test_a_settle_that_fails_is_logged_and_still_releases(
+    redis_client: Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix), tier(concurrent=1)
+    lease = await limiter.acquire("t1", limits, 10)
+    [bucket] = [key async for key in redis_client.scan_iter(match=f"{prefix}:*:b")]
+    await redis_client.set(bucket, "not a hash")  # the settle script now fails with WRONGTYPE
+    await lease.end(500)  # does not raise
+    assert "could not settle" in caplog.text
+    await redis_client.delete(bucket)
+    await take(limiter, limits)  # the slot came back
+    await limiter.aclose()
+
+
+async def test_held_leases_are_renewed_and_a_dropped_one_lapses(redis_client: Redis, prefix: str) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix, lease_ttl=0.3), tier(concurrent=1)
+    held = await limiter.acquire("t1", limits, 0)
+    await asyncio.sleep(0.8)  # well past lease_ttl: the heartbeat kept it
+    with pytest.raises(RateLimitError, match="concurrent requests"):
+        await limiter.acquire("t1", limits, 0)
+    del held  # dropped without release (a bug): no longer renewed, so it lapses
+    await asyncio.sleep(0.5)
+    await take(limiter, limits)
+    await limiter.aclose()
+
+
+async def test_a_cancelled_acquire_leaves_no_slot_taken(
+    redis_client: Redis, other_redis_client: Redis, prefix: str
+) -> None:
+    limiter, limits = RedisRateLimiter(redis_client, prefix=prefix), tier(concurrent=1)
+    await take(limiter, limits)  # the scripts are loaded: the next acquire is one EVALSHA
+    # Another connection keeps Redis busy; our acquire waits in its socket, and Redis runs it after the
+    # busy script even though we gave up on it: a slot taken that nobody holds.
+
+    async def keep_redis_busy() -> None:
+        await other_redis_client.eval("local i = 0 while i < 40000000 do i = i + 1 end return i", 0)
+
+    busy = asyncio.create_task(keep_redis_busy())
+    await asyncio.sleep(0.05)
+    acquiring = asyncio.create_task(limiter.acquire("t1", limits, 0))
+    await asyncio.sleep(0.05)
+    acquiring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acquiring
+    await busy
+    assert limiter.unreleased == 1
+    await take(limiter, limits)  # admitted: the orphaned slot is removed inside this acquire
+    assert limiter.unreleased == 0
+    await limiter.aclose()
+
+
+async def test_a_release_while_redis_is_away_is_done_once_it_is_back(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with TcpProxy("127.0.0.1", 6379) as proxy:
+        client = Redis(host=proxy.host, port=proxy.port, retry=Retry(NoBackoff(), 0))
+        try:
+            limiter, limits = RedisRateLimiter(client, prefix=prefix), tier(concurrent=1)
+            lease = await limiter.acquire("t1", limits, 10)
+            proxy.cut()
+            await lease.end(20)  # neither settles nor releases, and raises neither
+            assert "could not release rate-limit lease" in caplog.text
+            proxy.restore()
+            await take(limiter, limits)  # admitted at once, not after lease_ttl
+            await limiter.aclose()
+        finally:
+            await client.aclose()

@@ -167,7 +167,7 @@ def test_11_breaker_opens_skips_probes_and_lets_traffic_return(
 def _breaker_open_on(server: KeelServer) -> bool:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers=server.admin_headers()).text
     return any(
         sample.value == 2
         for family in text_string_to_metric_families(text)

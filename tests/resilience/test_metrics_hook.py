@@ -17,7 +17,9 @@ from ._support import MESSAGES, openai_alias
 
 def _samples(server: KeelServer, family: str) -> dict[tuple[tuple[str, str], ...], float]:
     found: dict[tuple[tuple[str, str], ...], float] = {}
-    for metric in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+    for metric in text_string_to_metric_families(
+        httpx.get(f"{server.url}/metrics", headers=server.admin_headers()).text
+    ):
         for sample in metric.samples:
             if sample.name == family:
                 found[tuple(sorted(sample.labels.items()))] = sample.value

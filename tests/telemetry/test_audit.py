@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from keel.llm import Attempt
+from keel.telemetry.redact import hash_end_user
 from keel.testing import FakeUpstream, Reply
 from keel.testing.server import KeelServer
 
@@ -52,20 +53,26 @@ def test_a_request_is_found_by_its_id_with_everything(
         extra_headers={"X-Request-ID": request_id},
         extra_body={"conversation_id": conversation},
     )
-    record = _record(keel, tenant.admin_key, request_id)
-    assert record["id"] == request_id
+    record = _record(keel, tenant.admin_key, request_id)  # found by the client's id ...
+    assert record["client_request_id"] == request_id
+    assert record["id"].startswith("req_")  # ... but the request id is Keel's own
+    assert _record(keel, tenant.admin_key, record["id"]) == record
     assert len(record["trace_id"]) == 32
     assert record["status"] == "ok"
-    assert record["end_user"] == "end-user-7"
+    # The end user is stored hashed (audit_end_user = "hash", the default), here and in the request.
+    assert record["end_user"] == hash_end_user(tenant.tenant_id, "end-user-7")
+    assert record["request"]["user"] == record["end_user"]
+    assert "end-user-7" not in str(record)
     assert record["conversation_id"] == conversation
     assert record["model"]["requested"] == "fake"
     assert record["model"]["answered"] == "fake"
+    assert fake.requests[-1].body["user"] == "end-user-7"  # the upstream gets it as sent
     assert record["request"]["messages"] == fake.requests[-1].body["messages"]  # exactly what went upstream
     assert record["request"]["max_tokens"] == 50
     assert record["request"]["temperature"] == 0.2
     assert record["reply"] == {"text": "Paris is the capital.", "tool_calls": []}
     assert record["finish_reason"] == "stop"
-    assert record["usage"] == {"input_tokens": 21, "output_tokens": 5, "total_tokens": 26}
+    assert record["usage"] == {"input_tokens": 21, "output_tokens": 5, "total_tokens": 26, "estimated": False}
     assert len(record["attempts"]) >= 1
     assert record["attempts"][-1]["error_type"] is None
     timings = {"started", "latency", "first_token"}  # perf_counter values: stored as ms from the start
@@ -110,7 +117,7 @@ def test_audit_api_is_admin_only_and_tenant_scoped(
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
     listing = _admin_get(keel, other.admin_key, "/requests").json()
-    assert request_id not in {r["id"] for r in listing["data"]}
+    assert request_id not in {r["client_request_id"] for r in listing["data"]}
     replay = httpx.post(
         f"{keel.base_url}/requests/{request_id}/replay",
         headers={"Authorization": f"Bearer {other.admin_key}"},
@@ -141,21 +148,29 @@ def test_listing_filters_and_pages(
         if after is not None:
             params["after"] = after
         page = _admin_get(keel, tenant.admin_key, "/requests", **params).json()
-        seen += [r["id"] for r in page["data"]]
+        seen += [r["client_request_id"] for r in page["data"]]
         if not page["has_more"]:
             break
         after = page["next_cursor"]
+        # Opaque: no global row id in it (a number that would count every tenant's requests).
+        assert isinstance(after, str) and not after.isdigit()
     assert seen == list(reversed(ids))  # newest first, every record once
     claude = _admin_get(
         keel, tenant.admin_key, "/requests", conversation_id=conversation, model="claude"
     ).json()
-    assert [r["id"] for r in claude["data"]] == [ids[3], ids[1]]
+    assert [r["client_request_id"] for r in claude["data"]] == [ids[3], ids[1]]
     future = _admin_get(
         keel, tenant.admin_key, "/requests", conversation_id=conversation, since=time.time() + 60
     )
     assert future.json()["data"] == []
-    bad = _admin_get(keel, tenant.admin_key, "/requests", since="yesterday")
-    assert bad.status_code == 400
+    for name, value in (("since", "yesterday"), ("since", "99999999999999999999"), ("until", "1e999")):
+        bad = _admin_get(keel, tenant.admin_key, "/requests", **{name: value})
+        assert bad.status_code == 400, (value, bad.text)
+        assert bad.json()["error"]["param"] == name
+    for cursor in ("12345", "not a cursor", "W10"):  # W10 is base64 of []
+        bad = _admin_get(keel, tenant.admin_key, "/requests", after=cursor)
+        assert bad.status_code == 400, (cursor, bad.text)
+        assert bad.json()["error"]["param"] == "after"
 
 
 def test_secrets_are_redacted_before_storage(
@@ -246,5 +261,23 @@ def test_replay_over_the_api_is_recorded_and_linked(
     assert sent.path == "/v1/messages"  # went to the other model ...
     assert sent.body["temperature"] == original_upstream["temperature"]  # ... with the recorded parameters
     replayed = _record(keel, tenant.admin_key, result["replay"]["id"])
-    assert replayed["replay_of"] == request_id
+    original = _record(keel, tenant.admin_key, request_id)
+    assert result["original"]["id"] == original["id"]
+    assert replayed["replay_of"] == original["id"]  # Keel's id, though the replay named the client's
     assert replayed["model"]["answered"] == "claude"
+
+
+def test_end_user_is_stored_as_sent_when_configured_plain(
+    start_keel: Callable[..., KeelServer], tenant: Any, make_client: Callable[..., openai.OpenAI]
+) -> None:
+    server = start_keel(audit_end_user="plain")
+    request_id = f"audit-{uuid.uuid4().hex[:10]}"
+    make_client(server, tenant.chat_key).chat.completions.create(
+        model="fake",
+        messages=[{"role": "user", "content": "x"}],
+        user="end-user-8",
+        extra_headers={"X-Request-ID": request_id},
+    )
+    record = _record(server, tenant.admin_key, request_id)
+    assert record["end_user"] == "end-user-8"
+    assert record["request"]["user"] == "end-user-8"

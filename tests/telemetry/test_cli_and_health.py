@@ -36,17 +36,28 @@ def test_replay_and_prune_from_the_cli(
     fake: FakeUpstream,
     tmp_path: Path,
     keel_cli: Callable[..., subprocess.CompletedProcess[str]],
+    make_tenant: Callable[..., Any],
+    make_client: Callable[..., openai.OpenAI],
 ) -> None:
     config = tmp_path / "keel.toml"
     config.write_text(f'[models.fake]\nprovider = "openai"\nbase_url = "{fake.openai_base_url}"\n')
-    request_id = f"cli-{uuid.uuid4().hex[:10]}"
+    client_id = f"cli-{uuid.uuid4().hex[:10]}"
     fake.enqueue(Reply(text="the original reply"))
-    client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model="fake",
         messages=[{"role": "user", "content": "again"}],
-        extra_headers={"X-Request-ID": request_id},
+        extra_headers={"X-Request-ID": client_id},
     )
+    request_id = raw.headers["x-request-id"]  # Keel's own id, unique
+    assert request_id != client_id and raw.headers["x-client-request-id"] == client_id
     _wait_recorded(keel, tenant.admin_key, request_id)
+    # Another tenant sends the same client id, and Keel's id of the first request as its own: neither
+    # makes the operator's `keel replay REQUEST_ID` ambiguous.
+    other = make_client(keel, make_tenant().chat_key)
+    for copied in (client_id, request_id):
+        other.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "x"}], extra_headers={"X-Request-ID": copied}
+        )
 
     fake.enqueue(Reply(text="the replayed reply"))
     done = keel_cli("replay", request_id)
@@ -61,6 +72,10 @@ def test_replay_and_prune_from_the_cli(
         params={"limit": 5},
     ).json()
     assert any(r["replay_of"] == request_id for r in listing["data"])  # recorded, linked
+
+    ambiguous = keel_cli("replay", client_id, check=False)  # a client id two tenants sent
+    assert ambiguous.returncode == 1
+    assert "ambiguous" in ambiguous.stderr and "x-request-id" in ambiguous.stderr
 
     missing = keel_cli("replay", "no-such-request", check=False)
     assert missing.returncode == 1
@@ -88,7 +103,9 @@ def test_tenants_update_switches_audit_content(
     assert unknown.returncode == 1
 
 
-def test_health_and_readiness(start_keel: Callable[..., KeelServer], fake: FakeUpstream) -> None:
+def test_health_and_readiness(
+    start_keel: Callable[..., KeelServer], fake: FakeUpstream, make_tenant: Callable[..., Any]
+) -> None:
     server = start_keel(
         models={
             "fake": ModelConfig(provider="openai", base_url=fake.openai_base_url),
@@ -97,7 +114,12 @@ def test_health_and_readiness(start_keel: Callable[..., KeelServer], fake: FakeU
         default_model="fake",
     )
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
-    response = httpx.get(f"{server.url}/readyz", timeout=30)
+    anonymous = httpx.get(f"{server.url}/readyz", timeout=30)
+    assert (anonymous.status_code, anonymous.json()) == (503, {"status": "not ready"})  # no detail
+    tenant = make_tenant()
+    refused = httpx.get(f"{server.url}/readyz", headers={"Authorization": f"Bearer {tenant.chat_key}"})
+    assert refused.status_code == 403
+    response = httpx.get(f"{server.url}/readyz", timeout=30, headers=server.admin_headers())
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["database"]["ok"] is True

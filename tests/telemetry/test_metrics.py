@@ -31,8 +31,8 @@ ROUTES = {
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def _scrape(url: str) -> Samples:
-    response = httpx.get(url)
+def _scrape(url: str, headers: dict[str, str] | None = None) -> Samples:
+    response = httpx.get(url, headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return {
@@ -97,7 +97,7 @@ def test_requests_move_the_metric_families_with_bounded_labels(
     assert failed.value.status_code == 502
     assert httpx.get(f"{keel.url}/v1/nope/123").status_code == 404
 
-    samples = _scrape(f"{keel.url}/metrics")
+    samples = _scrape(f"{keel.url}/metrics", keel.admin_headers())
 
     requests = "keel_http_requests_total"
     assert _value(samples, requests, route=CHAT, method="POST", status="200") == 2

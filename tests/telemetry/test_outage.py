@@ -18,7 +18,9 @@ from keel.testing.server import KeelServer
 
 
 def _metric(server: KeelServer, name: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+    for family in text_string_to_metric_families(
+        httpx.get(f"{server.url}/metrics", headers=server.admin_headers()).text
+    ):
         for sample in family.samples:
             if sample.name == name:
                 return float(sample.value)
@@ -60,12 +62,14 @@ def test_database_outage_during_load(
         for worker in workers:
             worker.start()
         time.sleep(0.5)
+        admin = server.admin_headers()
+        assert httpx.get(f"{server.url}/readyz", headers=admin, timeout=30).status_code == 200  # key cached
         proxy.cut()
         outage_started = len(sent)
         time.sleep(3.0)
         served_during_outage = len(sent) - outage_started
         depth_during_outage = _metric(server, "keel_write_queue_depth")
-        ready = httpx.get(f"{server.url}/readyz", timeout=30)
+        ready = httpx.get(f"{server.url}/readyz", headers=admin, timeout=30)
         proxy.restore()
         time.sleep(0.5)
         stop.set()

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from keel.telemetry.tracing import SPAN_CONTENT_ATTRIBUTES, SPAN_CONTENT_MAX_CHARS
 from keel.testing import FakeUpstream, OtlpReceiver, ReceivedSpan, Reply
 from keel.testing.server import KeelServer
 
@@ -37,7 +38,7 @@ def _request_trace(
     """The spans of the request's trace by name, once its server span and every named span arrived."""
 
     def spans_of(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan] | None:
-        server = [s for s in spans if s.attributes.get("keel.request_id") == request_id]
+        server = [s for s in spans if s.attributes.get("keel.client_request_id") == request_id]
         if len(server) != 1:
             return None
         found = {s.name: s for s in spans if s.trace_id == server[0].trace_id}
@@ -147,6 +148,70 @@ def test_message_content_is_on_spans_when_asked(
     assert "Hello, Zanzibar." in str(attempt.attributes["gen_ai.output.messages"])
 
 
+def test_span_content_is_redacted_and_capped(
+    start_keel: Callable[..., KeelServer],
+    receiver: OtlpReceiver,
+    tenant: Any,
+    fake: FakeUpstream,
+    make_client: Callable[[KeelServer, str], openai.OpenAI],
+) -> None:
+    server = start_keel(otlp_endpoint=receiver.endpoint, trace_content=True)
+    request_id = f"trace-{uuid.uuid4().hex[:10]}"
+    key = "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc"
+    fake.enqueue(Reply(text=f"Your key {key} is noted."))
+    make_client(server, tenant.chat_key).chat.completions.create(
+        model="fake",
+        messages=[{"role": "user", "content": f"{SECRET}: {key} " + "x" * 100_000}],
+        extra_headers={"X-Request-ID": request_id},
+    )
+    attempt = _request_trace(receiver, request_id, (ATTEMPT_SPAN,))[ATTEMPT_SPAN]
+    sent, answered = (str(attempt.attributes[name]) for name in SPAN_CONTENT_ATTRIBUTES)
+    assert SECRET in sent and "[REDACTED]" in sent and "[REDACTED]" in answered
+    assert key not in sent + answered
+    assert len(sent) < SPAN_CONTENT_MAX_CHARS + 100 and "[TRUNCATED" in sent
+    assert fake.requests[-1].body["messages"][0]["content"].endswith("x" * 100_000)  # upstream: all of it
+
+
+@pytest.mark.parametrize("exported", [True, False], ids=["otlp", "no-exporter"])
+def test_a_client_traceparent_cannot_force_sampling(
+    start_keel: Callable[..., KeelServer],
+    receiver: OtlpReceiver,
+    tenant: Any,
+    fake: FakeUpstream,
+    make_client: Callable[[KeelServer, str], openai.OpenAI],
+    exported: bool,
+) -> None:
+    """The trace id is the client's; whether it is sampled is Keel's configured ratio (0 here)."""
+    server = start_keel(otlp_endpoint=receiver.endpoint if exported else None, trace_sample_ratio=0.0)
+    trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    request_id = f"trace-{uuid.uuid4().hex[:10]}"
+    _chat(
+        make_client(server, tenant.chat_key),
+        request_id,
+        stream=False,
+        extra_headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},  # 01: "sampled, please"
+    )
+    _version, upstream_trace, _parent, flags = fake.requests[-1].headers["traceparent"].split("-")
+    assert (upstream_trace, flags) == (trace_id, "00")  # joined, but not sampled
+    deadline = time.monotonic() + 10
+    while (response := _record(server, tenant.admin_key, request_id)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert response["trace_id"] == trace_id
+    time.sleep(1.5)  # past the exporter's 1 s batch delay
+    assert receiver.trace(trace_id) == []
+
+
+def _record(server: KeelServer, key: str, request_id: str) -> dict[str, Any] | None:
+    response = httpx.get(
+        f"{server.base_url}/requests/{request_id}", headers={"Authorization": f"Bearer {key}"}
+    )
+    if response.status_code != 200:
+        return None
+    record: dict[str, Any] = response.json()
+    return record
+
+
 def test_a_client_traceparent_is_honoured_and_propagated_upstream(
     traced: KeelServer,
     receiver: OtlpReceiver,
@@ -229,5 +294,6 @@ def test_the_audit_record_carries_the_request_id_and_the_trace_id(
         time.sleep(0.05)
     assert response.status_code == 200, response.text
     record = response.json()
-    assert record["id"] == request_id
+    assert record["client_request_id"] == request_id
+    assert record["id"] == server.attributes["keel.request_id"]
     assert record["trace_id"] == server.trace_id

@@ -60,8 +60,9 @@ def replay(
             if not tenants:
                 raise KeelError(f"no recorded request {request_id!r}")
             if len(tenants) > 1:
-                raise KeelError(
-                    f"request id {request_id!r} exists in {len(tenants)} tenants; it is ambiguous"
+                raise KeelError(  # only a client's own id can be: Keel's ids are unique
+                    f"client request id {request_id!r} exists in {len(tenants)} tenants; it is ambiguous: "
+                    "use Keel's request id (the x-request-id response header, `id` in the audit record)"
                 )
             return await keel.replayer.replay(tenants[0], request_id, model)
 

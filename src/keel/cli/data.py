@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
 import typer
@@ -16,6 +17,7 @@ from keel.db import Database
 from keel.errors import KeelError
 from keel.settings import TIERS, Settings
 from keel.tenants import SCOPES, TenantService
+from keel.tenants.keys import parse_duration
 
 T = TypeVar("T")
 
@@ -26,10 +28,11 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 
 def run_with_tenants(action: Callable[[TenantService], Awaitable[T]]) -> T:
     async def go() -> T:
-        database = Database(Settings())
+        settings = Settings()
+        database = Database(settings)
         try:
             engine = await database.open()
-            return await action(TenantService(engine))
+            return await action(TenantService(engine, settings))
         finally:
             await database.close()
 
@@ -69,7 +72,31 @@ def tenants_create(
 def tenants_list() -> None:
     """List tenants."""
     for tenant in run_with_tenants(lambda s: s.list_tenants()):
-        typer.echo(f"{tenant.name}\t{tenant.tier}\t{tenant.created_at:%Y-%m-%d %H:%M}")
+        models = ",".join(tenant.allowed_models) if tenant.allowed_models else "all models"
+        typer.echo(f"{tenant.name}\t{tenant.tier}\t{tenant.created_at:%Y-%m-%d %H:%M}\t{models}")
+
+
+@tenants_app.command("set-models")
+def tenants_set_models(
+    name: str,
+    models: Annotated[
+        str | None, typer.Argument(help="Comma-separated model aliases the tenant's keys may call.")
+    ] = None,
+    all_models: Annotated[
+        bool, typer.Option("--all", help="Allow every alias (within the tenant's tier).")
+    ] = False,
+) -> None:
+    """Set which model aliases a tenant may call (its tier's list and each key's still apply)."""
+    if (models is None) == (not all_models):
+        typer.echo("give either MODELS (a,b,c) or --all", err=True)
+        raise typer.Exit(2)
+    names = split_models(models) if models is not None else None
+    saved = run_with_tenants(lambda s: s.set_allowed_models(name, names))
+    typer.echo(f"tenant {name}: models {', '.join(saved) if saved else 'all (within its tier)'}")
+
+
+def split_models(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 @tenants_app.command("update")
@@ -96,29 +123,59 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name.")],
     scope: Annotated[str, typer.Option(help=f"One of: {', '.join(SCOPES)}.")] = "chat",
     label: Annotated[str, typer.Option(help="A note to tell keys apart.")] = "",
+    expires: Annotated[
+        str | None, typer.Option(help="Lifetime, e.g. 90d, 12h, 30m, 2w (default: never expires).")
+    ] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated model aliases this key may call (default: the tenant's)."),
+    ] = None,
 ) -> None:
     """Create an API key. It is printed once, as the last line: store it now."""
-    info, secret = run_with_tenants(lambda s: s.create_key(tenant, scope, label))
+    try:
+        lifetime = parse_duration(expires) if expires is not None else None
+    except ValueError as exc:
+        typer.echo(f"error: --expires: {exc}", err=True)
+        raise typer.Exit(2) from None
+    allowed = split_models(models) if models is not None else None
+    info, secret = run_with_tenants(
+        lambda s: s.create_key(tenant, scope, label, expires_in=lifetime, allowed_models=allowed)
+    )
+    until = f", expires {info.expires_at:%Y-%m-%d %H:%M} UTC" if info.expires_at else ""
+    only = f", models {','.join(info.allowed_models)}" if info.allowed_models else ""
     typer.echo(
-        f"created {info.scope} key {info.prefix}… for tenant {info.tenant}; it will not be shown again:"
+        f"created {info.scope} key {info.prefix}… (id {info.id}) for tenant {info.tenant}{until}{only}; "
+        "it will not be shown again:"
     )
     typer.echo(secret)
 
 
 @keys_app.command("list")
 def keys_list(tenant: Annotated[str, typer.Option(help="Tenant name.")]) -> None:
-    """List a tenant's keys (prefixes only)."""
+    """List a tenant's keys (id, prefix, scope, state, expiry, models, last use, label)."""
+    now = datetime.now(UTC)
     for key in run_with_tenants(lambda s: s.list_keys(tenant)):
-        state = "revoked" if key.revoked_at else "active"
         used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
-        typer.echo(f"{key.prefix}\t{key.scope}\t{state}\tlast used {used}\t{key.label}")
+        until = f"expires {key.expires_at:%Y-%m-%d %H:%M}" if key.expires_at else "no expiry"
+        models = ",".join(key.allowed_models) if key.allowed_models else "all models"
+        typer.echo(
+            f"{key.id}\t{key.prefix}\t{key.scope}\t{key.state(now)}\t{until}\t{models}\t"
+            f"last used {used}\t{key.label}"
+        )
 
 
 @keys_app.command("revoke")
-def keys_revoke(prefix: str) -> None:
-    """Revoke the key with this prefix. Running servers refuse it within their auth cache TTL (10 s)."""
-    count = run_with_tenants(lambda s: s.revoke(prefix))
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's id, or its prefix (with --tenant).")],
+    tenant: Annotated[
+        str | None, typer.Option(help="The key's tenant: required with a prefix, optional with an id.")
+    ] = None,
+) -> None:
+    """Revoke a key by id, or by prefix within one tenant. Running servers refuse it within their auth
+    cache TTL (10 s)."""
+    count = run_with_tenants(lambda s: s.revoke(key, tenant))
     if count == 0:
-        typer.echo(f"no active key starts with {prefix}", err=True)
+        where = f" of tenant {tenant}" if tenant else ""
+        typer.echo(f"no active key{where} matches {key}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {count} key(s)")

@@ -44,7 +44,7 @@ def serve(
         f'  curl {base}/chat/completions -H "Authorization: Bearer $(cat {key_file})" \\\n'
         "    -H 'Content-Type: application/json' \\\n"
         '    -d \'{"model": "local", "stream": true, "messages": [{"role": "user", "content": "Hi!"}]}\'\n\n'
-        f"  keel chat --base-url {base} --api-key $(cat {key_file})\n",
+        f"  keel chat --base-url {base}   # reads the admin key from {key_file}\n",
         err=True,
     )
     app = create_app(settings)
@@ -58,4 +58,7 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_drain_seconds),
+        # Past this many open connections plus running requests, a new request is a 503 at once, before
+        # its body is read: a flood of slow or large requests cannot exhaust memory or file descriptors.
+        limit_concurrency=settings.limit_concurrency,
     )

@@ -17,11 +17,12 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    false,
     func,
     text,
     true,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 metadata = MetaData()
 
@@ -33,6 +34,7 @@ tenants = Table(
     Column("tier", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("audit_content", Boolean, nullable=False, server_default=true()),  # False: metadata only
+    Column("allowed_models", ARRAY(Text)),  # NULL: every alias its tier allows
     CheckConstraint("tier IN ('free', 'pro', 'enterprise')", name="tenants_tier_check"),
 )
 
@@ -48,6 +50,8 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("revoked_at", DateTime(timezone=True)),
     Column("last_used_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),  # NULL: never
+    Column("allowed_models", ARRAY(Text)),  # NULL: every alias its tenant allows
     CheckConstraint("scope IN ('chat', 'admin')", name="api_keys_scope_check"),
     Index("api_keys_prefix_idx", "prefix"),
     Index("api_keys_tenant_idx", "tenant_id"),
@@ -84,7 +88,8 @@ audit_requests = Table(
     "audit_requests",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("request_id", Text, nullable=False),
+    Column("request_id", Text, nullable=False),  # Keel's own, unique
+    Column("client_request_id", Text),  # the client's X-Request-Id, as sent
     Column("trace_id", Text, nullable=False, server_default=""),
     Column("tenant_id", UUID(as_uuid=True), nullable=False),
     Column("end_user", Text),
@@ -103,12 +108,20 @@ audit_requests = Table(
     Column("finish_reason", Text),
     Column("input_tokens", Integer, nullable=False, server_default="0"),
     Column("output_tokens", Integer, nullable=False, server_default="0"),
+    # No usage arrived (client gone mid-stream, stream failed): the tokens are counted from characters.
+    Column("usage_estimated", Boolean, nullable=False, server_default=false()),
     Column("latency_ms", Float, nullable=False),
     Column("ttft_ms", Float),
     Column("stages", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("replay_of", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("audit_requests_tenant_request_idx", "tenant_id", "request_id"),
+    Index(
+        "audit_requests_tenant_client_request_idx",
+        "tenant_id",
+        "client_request_id",
+        postgresql_where=text("client_request_id IS NOT NULL"),
+    ),
     Index("audit_requests_tenant_time_idx", "tenant_id", "created_at", "id"),
     Index("audit_requests_time_idx", "created_at"),
 )
@@ -122,6 +135,7 @@ usage_ledger = Table(
     Column("model", Text, nullable=False),
     Column("input_tokens", Integer, nullable=False),
     Column("output_tokens", Integer, nullable=False),
+    Column("estimated", Boolean, nullable=False, server_default=false()),  # counted, not reported
     Column("request_id", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("usage_ledger_tenant_time_idx", "tenant_id", "created_at"),

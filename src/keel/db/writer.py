@@ -8,6 +8,13 @@ A batch goes out when `batch_size` rows wait, when a row was put `urgent` (a con
 next turn reads), when someone waits in `flush()`, or `linger` seconds after its first row: at low load
 one transaction carries many requests' audit rows instead of one each.
 
+A row may come with a `prepare` function (the audit record's redaction): it runs in `executor` just before
+the row's first write attempt, so CPU-heavy work on a row never holds the event loop. `keel serve` gives a
+one-process pool: a thread would still hold the GIL through each regex call and stall the loop (a 1 MB
+adversarial body: /healthz at up to 60 ms from a thread, ~10 ms from a process). Without one, or when the
+pool breaks, it runs in a thread. `prepare` must be picklable (a module-level function or a partial of
+one). A row whose `prepare` raises is logged and dropped (`rejected`).
+
 If PostgreSQL is unreachable the batch is retried with backoff and rows keep waiting. A batch that
 PostgreSQL refuses for its data (SQLSTATE class 22 or 23: a NUL byte in a JSON string, a conversation
 deleted meanwhile), or that holds a value JSON cannot encode, is split until the offending rows are alone;
@@ -24,6 +31,7 @@ import contextlib
 import logging
 from collections import defaultdict, deque
 from collections.abc import Callable
+from concurrent.futures import BrokenExecutor, Executor
 from typing import Any
 
 import asyncpg
@@ -35,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+Prepare = Callable[[Row], Row]
 _DATA_ERRORS = ("22", "23")  # SQLSTATE classes: data exception, integrity constraint violation
 
 
@@ -46,12 +55,14 @@ class WriteQueue:
         max_size: int = 10_000,
         batch_size: int = 200,
         linger: float = 0.1,
+        executor: Executor | None = None,
     ) -> None:
         self._engine = engine
+        self._executor = executor  # None: the loop's default thread pool
         self._max_size = max_size
         self._batch_size = batch_size
         self._linger = linger
-        self._pending: deque[tuple[Table, Row]] = deque()
+        self._pending: deque[tuple[Table, Row, Prepare | None]] = deque()
         self._wakeup = asyncio.Event()
         self._now = asyncio.Event()  # write without lingering
         self._idle = asyncio.Event()
@@ -70,11 +81,13 @@ class WriteQueue:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="keel-write-queue")
 
-    def put(self, table: Table, row: Row, *, urgent: bool = False) -> bool:
-        """Queue one row. False when full or closed: the caller must write it another way."""
+    def put(self, table: Table, row: Row, *, urgent: bool = False, prepare: Prepare | None = None) -> bool:
+        """Queue one row. False when full or closed: the caller must write it another way.
+
+        `prepare(row)`, when given, returns the row to write; it runs in a worker thread, later."""
         if self._closing or len(self._pending) >= self._max_size:
             return False
-        self._pending.append((table, row))
+        self._pending.append((table, row, prepare))
         if self._idle.is_set():
             self._idle.clear()
             self._wakeup.set()
@@ -114,7 +127,10 @@ class WriteQueue:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._now.wait(), self._linger)
             self._now.clear()
-            batch = [self._pending[i] for i in range(min(self._batch_size, len(self._pending)))]
+            count = min(self._batch_size, len(self._pending))
+            if any(self._pending[i][2] is not None for i in range(count)):
+                await self._prepare(count)
+            batch = [(table, row) for table, row, _ in (self._pending[i] for i in range(count)) if row]
             try:
                 await self._write_or_split(batch)
             except Exception:  # a dead database must not kill the writer: rows wait and retry
@@ -126,10 +142,39 @@ class WriteQueue:
                 self._now.set()  # the rows have waited long enough
                 continue
             delay = 0.1
-            for _ in batch:
+            for _ in range(count):
                 self._pending.popleft()
             if len(self._pending) >= self._batch_size:
                 self._now.set()
+
+    async def _prepare(self, count: int) -> None:
+        """Run the `prepare` of the first `count` rows in the executor; a row whose `prepare` fails
+        becomes empty: dropped, never written unprepared."""
+        indexes: list[int] = []
+        work: list[tuple[Row, Prepare]] = []
+        for i in range(count):
+            _, row, prepare = self._pending[i]
+            if prepare is not None:
+                indexes.append(i)
+                work.append((row, prepare))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, prepared_rows, work)
+        except BrokenExecutor:  # its process died (killed, out of memory): go on in a thread
+            log.exception("write queue: the prepare process broke; preparing rows in a thread from now on")
+            self._executor = None
+            results = await loop.run_in_executor(None, prepared_rows, work)
+        for i, (done, error) in zip(indexes, results, strict=True):
+            table, row, _ = self._pending[i]  # only _run pops: the first `count` are still these
+            if error is not None:
+                self.rejected += 1
+                log.error(
+                    "write queue: preparing a %s row (request %s) failed; dropped: %s",
+                    table.name,
+                    row.get("request_id"),
+                    error,
+                )
+            self._pending[i] = (table, done, None)
 
     async def _write_or_split(self, batch: list[tuple[Table, Row]]) -> None:
         """Write the batch; when PostgreSQL refuses its data, halve it until the bad rows are alone."""
@@ -164,6 +209,8 @@ class WriteQueue:
         self.written += len(batch)
 
     async def _write(self, batch: list[tuple[Table, Row]]) -> None:
+        if not batch:
+            return
         by_table: dict[tuple[Table, tuple[str, ...]], list[Row]] = defaultdict(list)
         for table, row in batch:
             by_table[table, tuple(row)].append(row)
@@ -214,6 +261,17 @@ class WriteQueue:
 
             self._encoders[key] = encoder
         return encoder
+
+
+def prepared_rows(work: list[tuple[Row, Prepare]]) -> list[tuple[Row, str | None]]:
+    """In the executor: each row's `prepare` applied; ({}, the error) for a row where it raised."""
+    done: list[tuple[Row, str | None]] = []
+    for row, prepare in work:
+        try:
+            done.append((prepare(row), None))
+        except Exception as exc:  # reported by the writer, in the server's log
+            done.append(({}, f"{type(exc).__name__}: {exc}"))
+    return done
 
 
 def without_nul(value: Any) -> Any:

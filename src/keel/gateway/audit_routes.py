@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
 from keel.errors import InvalidRequestError, NotFoundError
 from keel.gateway.deps import AdminDep, ComponentsDep
+from keel.gateway.disconnect import watch_disconnect
 from keel.telemetry.audit_store import MAX_PAGE
+from keel.telemetry.replay import compare
 
 router = APIRouter()
 
@@ -23,7 +25,7 @@ def _time(value: str | None, name: str) -> datetime | None:
         if value.replace(".", "", 1).isdigit():
             return datetime.fromtimestamp(float(value), UTC)
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # OverflowError, OSError: seconds beyond a datetime
         raise InvalidRequestError(f"'{name}' must be ISO 8601 or Unix seconds.", param=name) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
@@ -46,7 +48,9 @@ async def list_requests(
     since: str | None = None,
     until: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    after: Annotated[int | None, Query(ge=1, description="next_cursor of the previous page")] = None,
+    after: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page")
+    ] = None,
 ) -> dict[str, Any]:
     records, cursor = await keel.audit.page(
         principal.tenant_id,
@@ -68,11 +72,27 @@ class ReplayBody(BaseModel):
 
 @router.post("/v1/requests/{request_id}/replay")
 async def replay_request(
-    request_id: str, principal: AdminDep, keel: ComponentsDep, body: ReplayBody | None = None
+    request_id: str,
+    principal: AdminDep,
+    keel: ComponentsDep,
+    request: Request,
+    body: ReplayBody | None = None,
 ) -> dict[str, Any]:
-    return await keel.replayer.replay(
-        principal.tenant_id,
-        request_id,
-        body.model if body else None,
-        audit_content=principal.audit_content,
-    )
+    """A model call like a chat completion: the same rate limits (requests, tokens, concurrency) and
+    model permissions, and it stops when its client leaves."""
+    lease = await keel.chat.admit(principal)
+    try:
+        # FastAPI has read the body: the next message can only be the client leaving.
+        async with watch_disconnect(request.receive):
+            replay = await keel.replayer.prepare(
+                principal.tenant_id,
+                request_id,
+                body.model if body else None,
+                audit_content=principal.audit_content,
+                check_model=principal.require_model,
+            )
+            result = await keel.chat.collect(principal, replay.call, lease)
+    finally:
+        if lease is not None:  # already released, unless the replay failed before its call
+            await lease.release()
+    return compare(replay, result)

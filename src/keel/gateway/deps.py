@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,6 +14,8 @@ from keel.gateway.auth import Authenticator, require_scope
 from keel.gateway.chat.service import ChatService
 from keel.llm import ModelRegistry
 from keel.prompts import FeedbackStore, PromptRegistry
+from keel.ratelimit import RateLimiter
+from keel.settings import TierLimits
 from keel.telemetry import tenant_var
 from keel.telemetry.audit_store import AuditStore
 from keel.telemetry.metrics import Metrics
@@ -35,6 +38,8 @@ class Components:
     writes: WriteQueue
     prompts: PromptRegistry
     feedback: FeedbackStore
+    limiter: RateLimiter | None = None  # the chat route's, through ChatService; None: limits are off
+    tiers: Mapping[str, TierLimits] | None = None
 
 
 def _components(request: Request) -> Components:
@@ -50,17 +55,36 @@ async def components(request: Request) -> Components:
 
 async def principal(request: Request) -> Principal:
     who = await _components(request).authenticator.authenticate(
-        request.headers.get("authorization"), request.headers.get("x-api-key")
+        request.headers.get("authorization"),
+        request.headers.get("x-api-key"),
+        request.client.host if request.client else None,
     )
     tenant_var.set(who.tenant)
     return who
 
 
-async def admin_principal(who: Annotated[Principal, Depends(principal)]) -> Principal:
+async def limited_principal(
+    who: Annotated[Principal, Depends(principal)], keel: Annotated[Components, Depends(components)]
+) -> AsyncIterator[Principal]:
+    """Every route with a key, chat apart, spends one request of its tenant's requests per minute and holds
+    one of its concurrent-request slots while it runs; past either, a 429 with `Retry-After` before the
+    route does any work. Its own bucket (`TENANT/api`, the tier's limits, no tokens) in the limiter chat
+    uses, so feedback or admin calls cannot starve the tenant's chat, nor chat them."""
+    if keel.limiter is None or keel.tiers is None:
+        yield who
+        return
+    lease = await keel.limiter.acquire(f"{who.tenant_id}/api", keel.tiers[who.tier], 0)
+    try:
+        yield who
+    finally:
+        await lease.release()
+
+
+async def admin_principal(who: Annotated[Principal, Depends(limited_principal)]) -> Principal:
     require_scope(who, "admin")
     return who
 
 
-PrincipalDep = Annotated[Principal, Depends(principal)]
+PrincipalDep = Annotated[Principal, Depends(limited_principal)]
 AdminDep = Annotated[Principal, Depends(admin_principal)]
 ComponentsDep = Annotated[Components, Depends(components)]

@@ -121,6 +121,8 @@ async def keel_error(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, KeelError):  # FastAPI's 400 around a failed body read (a 408, a 413)
+        return keel_error_response(exc.__cause__)
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 404:
         message = f"Unknown route: {request.method} {request.url.path}"

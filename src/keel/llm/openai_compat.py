@@ -44,6 +44,7 @@ class OpenAIChatModel:
         self._headers = headers
         self._timeout = config.timeout
         self._connect_timeout = config.connect_timeout
+        self._ca_bundle = str(config.ca_bundle) if config.ca_bundle is not None else None
 
     def supports_tools(self) -> bool:
         return True
@@ -85,6 +86,7 @@ class OpenAIChatModel:
             provider=self.provider,
             model=self.model,
             secret=self._api_key,
+            ca_bundle=self._ca_bundle,
         )
         async with aclosing(events):
             async for event in events:

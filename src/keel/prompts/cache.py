@@ -5,14 +5,20 @@ never change, so they stay. The cache only keeps anything while an invalidation 
 without one it could not hear of changes, so every lookup goes to the database instead.
 
 A lookup that raced with a change must not store what it read before the change: each prompt has a
-generation, bumped by every invalidation, and a loader stores its result only if the generation it started
-under is still current.
+generation, set from a process-wide counter by every invalidation, and a loader stores its result only if
+the generation it started under is still current.
+
+Every map is bounded and evicts its least recently used entries, never everything at once: names that
+clients make up fill the negative label cache of no other tenant. Compiled versions are bounded by count
+and by the template text they hold; a generation that is evicted raises the floor that prompts without
+one read, so a loader that started before the eviction never stores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,26 +27,39 @@ from keel.prompts.templates import CompiledVersion
 
 T = TypeVar("T")
 PromptKey = tuple[uuid.UUID, str]
+VersionKey = tuple[uuid.UUID, str, int]
 
-MAX_PROMPTS = 10_000  # cached prompts (negative answers included); beyond it the cache starts over
-MAX_VERSIONS = 10_000
+MAX_PROMPTS = 10_000  # prompts with cached labels (negative answers included), least recently used out
+MAX_GENERATIONS = 100_000  # prompts whose last change is remembered, oldest out
+MAX_VERSIONS = 2_000  # compiled versions, least recently used out
+MAX_VERSION_CHARS = 20_000_000  # template text of the compiled versions together
 
 
 class PromptCache:
     def __init__(self) -> None:
         self.enabled = False  # True only while a listener hears every change
-        self._labels: dict[PromptKey, dict[str, LabelState]] = {}
-        self._versions: dict[tuple[uuid.UUID, str, int], CompiledVersion] = {}
-        self._generations: dict[PromptKey, int] = {}
+        self._labels: OrderedDict[PromptKey, dict[str, LabelState]] = OrderedDict()
+        self._versions: OrderedDict[VersionKey, CompiledVersion] = OrderedDict()
+        self._version_chars = 0
+        self._generations: OrderedDict[PromptKey, int] = OrderedDict()
+        self._clock = 0  # the last generation given out
+        self._floor = 0  # the generation of a prompt that has none (never changed, or evicted)
         self._epoch = 0  # bumped when everything is dropped (listener lost or regained)
         self._loading: dict[tuple[PromptKey, str], asyncio.Task[LabelState]] = {}
+        self._compiling: dict[VersionKey, asyncio.Task[CompiledVersion]] = {}
 
     def invalidate(self, tenant_id: uuid.UUID, name: str) -> None:
         key = (tenant_id, name)
         self._labels.pop(key, None)
-        self._generations[key] = self._generations.get(key, 0) + 1
-        if len(self._generations) > MAX_PROMPTS:
-            self.reset(enabled=self.enabled)
+        self._clock += 1
+        self._generations[key] = self._clock
+        self._generations.move_to_end(key)
+        if len(self._generations) > MAX_GENERATIONS:
+            _, evicted = self._generations.popitem(last=False)
+            self._floor = max(self._floor, evicted)
+
+    def _generation(self, key: PromptKey) -> int:
+        return self._generations.get(key, self._floor)
 
     async def changed(self, tenant_id: uuid.UUID, name: str) -> None:
         """As a ChangePublisher: this process's own writes are visible to its next request at once,
@@ -51,6 +70,7 @@ class PromptCache:
         """Forget every label; on (re)connecting a listener, changes may have been missed."""
         self._labels.clear()
         self._generations.clear()
+        self._floor = self._clock
         self._epoch += 1
         self.enabled = enabled
 
@@ -62,8 +82,10 @@ class PromptCache:
         load: Callable[[], Awaitable[LabelState]],
     ) -> LabelState:
         key = (tenant_id, name)
-        found = self._labels.get(key, {}).get(label)
+        states = self._labels.get(key)
+        found = states.get(label) if states is not None else None
         if found is not None:
+            self._labels.move_to_end(key)
             return found
         if not self.enabled:
             return await load()
@@ -77,15 +99,16 @@ class PromptCache:
     async def _load(
         self, key: PromptKey, label: str, load: Callable[[], Awaitable[LabelState]]
     ) -> LabelState:
-        stamp = (self._epoch, self._generations.get(key, 0))
+        stamp = (self._epoch, self._generation(key))
         try:
             state = await load()
         finally:
             del self._loading[(key, label)]
-        if self.enabled and stamp == (self._epoch, self._generations.get(key, 0)):
-            if len(self._labels) >= MAX_PROMPTS:
-                self._labels.clear()
+        if self.enabled and stamp == (self._epoch, self._generation(key)):
             self._labels.setdefault(key, {})[label] = state
+            self._labels.move_to_end(key)
+            if len(self._labels) > MAX_PROMPTS:
+                self._labels.popitem(last=False)
         return state
 
     async def version(
@@ -98,15 +121,34 @@ class PromptCache:
         key = (tenant_id, name, number)
         found = self._versions.get(key)
         if found is not None:
+            self._versions.move_to_end(key)
             return found
-        compiled = await load()
-        if len(self._versions) >= MAX_VERSIONS:
-            self._versions.clear()
-        self._versions[key] = compiled
+        compiling = self._compiling.get(key)
+        if compiling is None:  # one compile for a burst of misses, not cancelled with the first caller
+            compiling = asyncio.create_task(self._compile(key, load))
+            compiling.add_done_callback(_retrieve)
+            self._compiling[key] = compiling
+        return await asyncio.shield(compiling)
+
+    async def _compile(
+        self, key: VersionKey, load: Callable[[], Awaitable[CompiledVersion]]
+    ) -> CompiledVersion:
+        try:
+            compiled = await load()
+        finally:
+            del self._compiling[key]
+        if key not in self._versions:
+            self._versions[key] = compiled
+            self._version_chars += compiled.size
+        while len(self._versions) > MAX_VERSIONS or (
+            self._version_chars > MAX_VERSION_CHARS and len(self._versions) > 1
+        ):
+            _, evicted = self._versions.popitem(last=False)
+            self._version_chars -= evicted.size
         return compiled
 
 
-def _retrieve(task: asyncio.Task[LabelState]) -> None:
+def _retrieve(task: asyncio.Task[T]) -> None:
     """Every waiter may have left; the error was theirs to see, not the event loop's to log."""
     if not task.cancelled():
         task.exception()

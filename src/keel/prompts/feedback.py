@@ -1,15 +1,16 @@
 """End-user feedback on one answer, linked to its request and, through the audit record, its prompt variant.
 
 The audit record is written off the request's critical path, so feedback sent right after an answer may
-arrive before it: the store waits for the record a short while (`feedback_wait_seconds`), then answers
-404. Linking at write time keeps feedback tenant-scoped — a request id of another tenant is never found —
-and copies the variant, so canary statistics need no join. Sending feedback again replaces it.
+arrive before it: on a miss the store waits once (`feedback_wait_seconds`) and looks once more, then
+answers 404. Two queries at most, never a poll: a flood of unknown ids costs the database two queries
+each, and the route's rate limit bounds the flood. Linking at write time keeps feedback tenant-scoped
+(a request id of another tenant is never found) and copies the variant, so canary statistics need no
+join. Sending feedback again replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
@@ -19,8 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keel.db.tables import audit_requests, feedback
 from keel.errors import InvalidRequestError, NotFoundError
-
-POLL_SECONDS = 0.05
+from keel.telemetry.audit_store import by_request_id
 
 
 def score_value(score: float) -> float:
@@ -41,7 +41,7 @@ class FeedbackStore:
         self, tenant_id: uuid.UUID, request_id: str, score: float, comment: str | None
     ) -> dict[str, Any]:
         value = score_value(score)
-        prompt = await self._prompt_of(tenant_id, request_id)
+        request_id, prompt = await self._prompt_of(tenant_id, request_id)  # Keel's id, if sent the client's
         row = {
             "tenant_id": tenant_id,
             "request_id": request_id,
@@ -65,20 +65,17 @@ class FeedbackStore:
             "prompt": {key: prompt.get(key) for key in ("name", "version", "label", "experiment", "variant")},
         }
 
-    async def _prompt_of(self, tenant_id: uuid.UUID, request_id: str) -> dict[str, Any]:
-        query = (
-            select(audit_requests.c.prompt)
-            .where(audit_requests.c.tenant_id == tenant_id, audit_requests.c.request_id == request_id)
-            .order_by(audit_requests.c.id.desc())
-            .limit(1)
+    async def _prompt_of(self, tenant_id: uuid.UUID, request_id: str) -> tuple[str, dict[str, Any]]:
+        query = by_request_id(
+            select(audit_requests.c.prompt, audit_requests.c.request_id), tenant_id, request_id
         )
-        deadline = time.monotonic() + self._wait
-        while True:
+        for attempt in range(2):
+            if attempt:
+                await asyncio.sleep(self._wait)  # the record may still be in the write queue
             async with self._engine.connect() as conn:
                 found = (await conn.execute(query)).one_or_none()
             if found is not None:
                 prompt: dict[str, Any] = found.prompt or {}
-                return prompt
-            if time.monotonic() >= deadline:  # unknown, or another tenant's: indistinguishable
-                raise NotFoundError(f"No request {request_id!r}.", param="request_id")
-            await asyncio.sleep(POLL_SECONDS)
+                return found.request_id, prompt
+        # Unknown, or another tenant's: indistinguishable.
+        raise NotFoundError(f"No request {request_id[:128]!r}.", param="request_id")

@@ -17,7 +17,7 @@ from keel.prompts.gate import AllowAll, Promotion, PromotionGate
 from keel.prompts.spec import LATEST, PRODUCTION, PromptSpec, check_label
 from keel.prompts.stats import compare, variant_stats
 from keel.prompts.store import LabelMove, PromptStore
-from keel.prompts.templates import TemplateProblem, check_template
+from keel.prompts.templates import TemplateProblem, check_templates
 
 
 class PromptRegistry:
@@ -37,12 +37,10 @@ class PromptRegistry:
 
     async def push(self, tenant_id: uuid.UUID, spec: PromptSpec, author: str) -> dict[str, Any]:
         """Store the spec (identical content: the existing version), then point its labels at it."""
-        declared = set(spec.variables)
+        parts = [("template", spec.template)] if spec.template is not None else []
+        parts += [(f"messages.{n}.content", message.content) for n, message in enumerate(spec.messages or [])]
         try:
-            if spec.template is not None:
-                check_template(spec.template, declared, "template")
-            for number, message in enumerate(spec.messages or []):
-                check_template(message.content, declared, f"messages.{number}.content")
+            await check_templates(parts, spec.variables_json())
         except TemplateProblem as exc:
             raise InvalidRequestError(str(exc), param=exc.where, code="invalid_template") from None
         for label in spec.labels:

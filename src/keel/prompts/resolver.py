@@ -55,7 +55,7 @@ class RegistryResolver:
             lambda: self._compile(call.tenant_id, name, version),
         )
         variables: dict[str, Any] = reference.get("variables") or {}
-        messages = compiled.render(variables, self._max_chars)
+        messages = await compiled.render_off_loop(variables, self._max_chars)
         return ResolvedPrompt(
             messages=messages,
             model=compiled.alias,
@@ -94,7 +94,9 @@ class RegistryResolver:
             stored = await self._store.version(tenant_id, name, version)
         except NotFoundError as exc:
             raise NotFoundError(exc.message, param="prompt.version", code=exc.code) from None
-        return CompiledVersion.build(name, version, stored.template, stored.variables, stored.config)
+        return await CompiledVersion.build_off_loop(
+            name, version, stored.template, stored.variables, stored.config
+        )
 
 
 def _unit(call: ChatCall, experiment: Experiment) -> str:

@@ -21,6 +21,8 @@ LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]{0,62}$")  # never all digits: `nam
 LATEST = "latest"  # always the newest version; nobody moves it
 PRODUCTION = "production"  # what a request gets when it names neither label nor version
 SAMPLING = ("temperature", "max_tokens", "top_p", "stop", "seed")  # ChatRequest fields a version sets
+MAX_TEMPLATE_CHARS = 100_000  # a version's template text, all messages together
+MAX_NUMBER = 2**53  # a number variable's magnitude: JSON's exact integers, no `"-" * 10**18`
 
 
 class _Strict(BaseModel):
@@ -107,6 +109,9 @@ class PromptSpec(_Strict):
     def _one_template(self) -> PromptSpec:
         if (self.template is None) == (self.messages is None):
             raise ValueError("give exactly one of 'template' (a system text) or 'messages'")
+        size = len(self.template or "") + sum(len(m.content) for m in self.messages or [])
+        if size > MAX_TEMPLATE_CHARS:
+            raise ValueError(f"the template is {size} characters; the limit is {MAX_TEMPLATE_CHARS}")
         return self
 
     def template_json(self) -> str | list[dict[str, str]]:
@@ -140,6 +145,8 @@ def type_problem(kind: str, value: Any) -> str | None:
         ok = isinstance(value, str)
     elif kind == "number":
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and not -MAX_NUMBER <= value <= MAX_NUMBER:  # NaN and infinities fail this too
+            return f"must be a number between -{MAX_NUMBER} and {MAX_NUMBER}"
     elif kind == "boolean":
         ok = isinstance(value, bool)
     else:  # a list of plain values: nothing with attributes a template could walk

@@ -32,7 +32,13 @@ class RateLimitState:
 
 
 class Lease(ABC):
-    """One admitted request: holds a concurrency slot until released."""
+    """One admitted request: holds a concurrency slot until released.
+
+    A request is admitted in two steps: `acquire` (a request and a slot, before its body is read) and
+    `reserve` (its token estimate, once the body is parsed). `end` settles and releases however the
+    request ended: a failed settle never keeps the slot. `settle` and `release` never raise for the
+    limiter's own storage (logged instead): they run in `finally` blocks.
+    """
 
     __slots__ = ("_estimated_tokens", "_released", "_settled", "state")
 
@@ -41,6 +47,15 @@ class Lease(ABC):
         self._estimated_tokens = estimated_tokens
         self._settled = False
         self._released = False
+
+    async def reserve(self, tokens: int) -> None:
+        """Take `tokens` more from the tokens-per-minute bucket, or raise the refusal (taking nothing)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if tokens == 0 or self._settled:
+            return
+        self.state = await self._take(tokens)
+        self._estimated_tokens += tokens
 
     async def settle(self, actual_tokens: int) -> None:
         """Charge the difference between the real token count and the estimate; may leave a debt."""
@@ -58,6 +73,16 @@ class Lease(ABC):
             return
         self._released = True
         await self._free()
+
+    async def end(self, actual_tokens: int) -> None:
+        """Settle, then release, even when settling fails (or is cancelled)."""
+        try:
+            await self.settle(actual_tokens)
+        finally:
+            await self.release()
+
+    @abstractmethod
+    async def _take(self, tokens: int) -> RateLimitState: ...
 
     @abstractmethod
     async def _correct(self, delta: int) -> None: ...
@@ -107,9 +132,16 @@ def state_for(limits: TierLimits, requests: float, tokens: float) -> RateLimitSt
 
 
 def refusal(
-    limits: TierLimits, estimated_tokens: int, requests: float, tokens: float, in_flight: int
+    limits: TierLimits,
+    estimated_tokens: int,
+    requests: float,
+    tokens: float,
+    in_flight: int,
+    *,
+    tokens_only: bool = False,
 ) -> RateLimitError:
-    """The error for a refused acquire, given the levels it saw (nothing was taken)."""
+    """The error for a refused acquire, given the levels it saw (nothing was taken). `tokens_only`: a
+    refused `reserve`, whose request and slot were already taken (so they are no reason)."""
     state = state_for(limits, requests, tokens)
     rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
     if estimated_tokens > tpm:
@@ -122,7 +154,7 @@ def refusal(
         )
     reasons: list[str] = []
     wait = 0.0
-    if requests < 1:
+    if requests < 1 and not tokens_only:
         wait = max(wait, (1 - requests) * 60.0 / rpm)
         reasons.append(f"requests per minute: limit {rpm}")
     if tokens < estimated_tokens:
@@ -131,7 +163,7 @@ def refusal(
             f"tokens per minute: limit {tpm}, remaining {state.remaining_tokens}, "
             f"requested {estimated_tokens}"
         )
-    if in_flight >= limits.concurrent_requests:
+    if in_flight >= limits.concurrent_requests and not tokens_only:
         # No refill time to compute: a slot frees when another request finishes.
         reasons.append(f"concurrent requests: limit {limits.concurrent_requests}, in flight {in_flight}")
     retry_after = max(1, math.ceil(round(wait, 6)))

@@ -78,6 +78,15 @@ class InMemoryRateLimiter:
             del self._buckets[k]
         self._next_sweep = max(_MIN_SWEEP, 2 * len(self._buckets))
 
+    def _reserve(self, key: str, limits: TierLimits, tokens: int) -> RateLimitState:
+        now = self._clock()
+        bucket = self._refilled(key, limits, now)
+        if bucket.tokens < tokens:
+            raise refusal(limits, tokens, bucket.requests, bucket.tokens, bucket.in_flight, tokens_only=True)
+        bucket.tokens -= tokens
+        bucket.full_at = _full_at(bucket, limits, now)
+        return state_for(limits, bucket.requests, bucket.tokens)
+
     def _correct(self, key: str, limits: TierLimits, delta: int) -> None:
         now = self._clock()
         bucket = self._refilled(key, limits, now)
@@ -110,6 +119,9 @@ class _MemoryLease(Lease):
         self._limiter = limiter
         self._key = key
         self._limits = limits
+
+    async def _take(self, tokens: int) -> RateLimitState:
+        return self._limiter._reserve(self._key, self._limits, tokens)
 
     async def _correct(self, delta: int) -> None:
         # By key, not by bucket object: after release the bucket may have been swept and recreated.

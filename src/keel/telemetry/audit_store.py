@@ -1,15 +1,24 @@
-"""Reading audit records back: one request, filtered pages, retention."""
+"""Reading audit records back: one request, filtered pages, retention.
+
+A request is found by Keel's request id, or else by the client's own (`client_request_id`, the newest
+with it), always within one tenant. Page cursors are opaque: base64 of the last record's time and request
+id, nothing a tenant cannot already see (never a global row id, which would tell the traffic of all).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, or_, select
+import orjson
+from sqlalchemy import ColumnElement, Row, Select, delete, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keel.db.tables import audit_requests
+from keel.errors import InvalidRequestError
 
 MAX_PAGE = 100
 
@@ -19,13 +28,8 @@ class AuditStore:
         self._engine = engine
 
     async def get(self, tenant_id: uuid.UUID, request_id: str) -> dict[str, Any] | None:
-        """The newest record with this request id, in this tenant only."""
-        query = (
-            select(audit_requests)
-            .where(audit_requests.c.tenant_id == tenant_id, audit_requests.c.request_id == request_id)
-            .order_by(audit_requests.c.id.desc())
-            .limit(1)
-        )
+        """The record with Keel's request id, or else the newest with this client request id; one tenant."""
+        query = by_request_id(select(audit_requests), tenant_id, request_id)
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).one_or_none()
         return record_json(row) if row is not None else None
@@ -40,8 +44,8 @@ class AuditStore:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int = 20,
-        after: int | None = None,
-    ) -> tuple[list[dict[str, Any]], int | None]:
+        after: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first. Returns the records and the cursor of the next page (None at the end)."""
         table = audit_requests.c
         query = select(audit_requests).where(table.tenant_id == tenant_id)
@@ -56,19 +60,25 @@ class AuditStore:
         if until is not None:
             query = query.where(table.created_at < until)
         if after is not None:
-            query = query.where(table.id < after)
-        query = query.order_by(table.id.desc()).limit(limit + 1)
+            query = query.where(tuple_(table.created_at, table.request_id) < decode_cursor(after))
+        query = query.order_by(table.created_at.desc(), table.request_id.desc()).limit(limit + 1)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [record_json(r) for r in rows], (rows[-1].id if more and rows else None)
+        return [record_json(r) for r in rows], (encode_cursor(rows[-1]) if more and rows else None)
 
     async def tenants_with(self, request_id: str) -> list[uuid.UUID]:
-        """Which tenants have a request with this id (for operator tools that span tenants)."""
-        query = select(audit_requests.c.tenant_id).where(audit_requests.c.request_id == request_id).distinct()
+        """Which tenants have a request with this id (for operator tools that span tenants): Keel's own
+        ids first, which are unique, so a tenant cannot make one ambiguous by sending it as its own id."""
+        table = audit_requests.c
         async with self._engine.connect() as conn:
-            return [row.tenant_id for row in await conn.execute(query)]
+            for column in (table.request_id, table.client_request_id):
+                query = select(table.tenant_id).where(column == request_id).distinct()
+                found = [row.tenant_id for row in await conn.execute(query)]
+                if found:
+                    return found
+        return []
 
     async def prune(self, older_than_days: float) -> int:
         cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
@@ -77,9 +87,42 @@ class AuditStore:
         return int(result.rowcount or 0)
 
 
+def by_request_id(query: Select[Any], tenant_id: uuid.UUID, request_id: str) -> Select[Any]:
+    """The query narrowed to the tenant's record with Keel's request id `request_id` or else, the newest
+    record with that client request id."""
+    table = audit_requests.c
+    exact: ColumnElement[bool] = table.request_id == request_id
+    return (
+        query.where(table.tenant_id == tenant_id, or_(exact, table.client_request_id == request_id))
+        .order_by(exact.desc(), table.created_at.desc())
+        .limit(1)
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def encode_cursor(row: Row[Any]) -> str:
+    micros = (row.created_at - _EPOCH) // _MICROSECOND  # exact: PostgreSQL keeps microseconds
+    return base64.urlsafe_b64encode(orjson.dumps([micros, row.request_id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        micros, request_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(micros, int) or not isinstance(request_id, str):
+            raise ValueError(cursor)
+        created = _EPOCH + micros * _MICROSECOND
+    except (ValueError, TypeError, OverflowError, OSError, binascii.Error, orjson.JSONDecodeError):
+        raise InvalidRequestError("'after' is not a cursor this API returned.", param="after") from None
+    return created, request_id
+
+
 def record_json(row: Row[Any]) -> dict[str, Any]:
     return {
         "id": row.request_id,
+        "client_request_id": row.client_request_id,
         "object": "keel.request",
         "created_at": row.created_at.isoformat(),
         "trace_id": row.trace_id,
@@ -103,6 +146,7 @@ def record_json(row: Row[Any]) -> dict[str, Any]:
             "input_tokens": row.input_tokens,
             "output_tokens": row.output_tokens,
             "total_tokens": row.input_tokens + row.output_tokens,
+            "estimated": row.usage_estimated,  # no usage arrived: counted from characters
         },
         "latency_ms": row.latency_ms,
         "ttft_ms": row.ttft_ms,

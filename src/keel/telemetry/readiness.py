@@ -45,6 +45,7 @@ class Readiness:
         self._models = models
         self._client = client
         self._cache: dict[str, tuple[Check, float]] = {}
+        self._probing: dict[str, asyncio.Future[Check]] = {}  # one probe per alias at a time
 
     async def check(self) -> tuple[bool, dict[str, dict[str, Any]]]:
         names = ["database", "write_queue", *(f"model:{alias}" for alias in self._settings.models)]
@@ -72,10 +73,31 @@ class Readiness:
         cached = self._cache.get(alias)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        probing = self._probing.get(alias)
+        if probing is None:  # single flight: callers arriving meanwhile share this probe
+            probing = self._probing[alias] = asyncio.ensure_future(self._probe(alias))
+            probing.add_done_callback(lambda _: self._probing.pop(alias, None))
+        return await asyncio.shield(probing)
+
+    async def _probe(self, alias: str) -> Check:
         config = self._settings.models[alias]
-        result = await (self._local(alias) if config.provider == "local" else self._remote(config))
+        if config.provider == "local":
+            result = await self._local(alias)
+        else:
+            result = await self._deployments(alias, config)
         self._cache[alias] = (result, time.monotonic() + self._settings.readiness_cache_seconds)
         return result
+
+    async def _deployments(self, alias: str, config: ModelConfig) -> Check:
+        """Each deployment with its own URL and key; the alias can serve while one of them answers."""
+        deployments = config.deployment_configs(alias)
+        checks = await asyncio.gather(*(self._remote(resolved) for _, _, resolved in deployments))
+        if len(checks) == 1:
+            return checks[0]
+        detail = "; ".join(
+            f"{name}: {check.detail}" for (name, _, _), check in zip(deployments, checks, strict=True)
+        )
+        return Check(any(check.ok for check in checks), detail)
 
     async def _local(self, alias: str) -> Check:
         for model in self._models.providers(alias):

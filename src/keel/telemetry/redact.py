@@ -1,12 +1,30 @@
-"""Redaction before storage: every string in a record passes through the configured patterns."""
+"""Redaction before storage: every string in a record passes through the configured patterns.
+
+Bounded in time three ways: the patterns are linear (vetted at start-up, `pattern_check`); a string is
+cut at `max_chars` before it is redacted (the cut is marked); and a long string is scanned in windows of
+`CHUNK` characters, one short regex call each, so the thread that redacts (the write queue's worker, never
+the event loop) lets the event loop's thread take the GIL between calls. A regex call holds the GIL for
+its whole length: one call over 1 MB would stall every other thread of the process for ~0.3 s. A pattern
+whose matches can be longer than MAX_OVERLAP (unbounded ones) may have a match cut at a window's end; the
+rest is then matched (and masked) from there.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
 import re
+import time
+import uuid
 from typing import Any
 
 MASK = "[REDACTED]"
+DEFAULT_MAX_CHARS = 262_144
+CHUNK = 32_768  # match starts looked for per regex call: ~10-15 ms with the default patterns
+MAX_OVERLAP = 16_384  # how far past its window a match may run (the longest pattern's width, at most this)
 
+_parser: Any = importlib.import_module("re._parser")  # for a pattern's widest match (no public stub)
 
 _GLOBAL_FLAGS = re.compile(r"^\(\?([imsx]+)\)")
 
@@ -17,19 +35,42 @@ def _scoped(pattern: str) -> str:
     return f"(?{found.group(1)}:{pattern[found.end() :]})" if found else f"(?:{pattern})"
 
 
+def truncated(value: str, max_chars: int) -> str:
+    if len(value) <= max_chars:
+        return value
+    return f"{value[:max_chars]}[TRUNCATED {len(value) - max_chars} chars]"
+
+
+def hash_end_user(tenant_id: uuid.UUID, user: str | None) -> str | None:
+    """What audit stores for `user` unless `audit_end_user = "plain"`: stable per tenant, not reversible
+    without the user id: the first 32 hex digits of sha256("TENANT_ID:USER")."""
+    if user is None:
+        return None
+    return "sha256:" + hashlib.sha256(f"{tenant_id}:{user}".encode()).hexdigest()[:32]
+
+
 class Redactor:
-    def __init__(self, patterns: list[str]) -> None:
-        # One combined pass is about 5x cheaper. Leading inline flags are scoped to their own pattern so
-        # they combine too (one of the defaults has one); any other pattern that cannot be combined makes
-        # us apply them one by one instead.
+    """Picklable: it goes to the write queue's prepare process as its patterns, compiled there once."""
+
+    def __init__(self, patterns: list[str], *, max_chars: int = DEFAULT_MAX_CHARS) -> None:
+        self._config = (tuple(patterns), max_chars)
+        # One combined pass. Leading inline flags are scoped to their own pattern so they combine too;
+        # any other pattern that cannot be combined makes us apply them one by one instead.
+        self.max_chars = max_chars
+        widths = [_parser.parse(p).getwidth()[1] for p in patterns]
+        self._overlap = min(MAX_OVERLAP, max([64, *widths]))
         try:
             self._patterns = [re.compile("|".join(_scoped(p) for p in patterns))] if patterns else []
         except re.error:
             self._patterns = [re.compile(p) for p in patterns]
 
-    def text(self, value: str) -> str:
+    def __reduce__(self) -> tuple[Any, tuple[tuple[str, ...], int]]:
+        return _shared, self._config
+
+    def text(self, value: str, *, max_chars: int | None = None) -> str:
+        value = truncated(value, self.max_chars if max_chars is None else max_chars)
         for pattern in self._patterns:
-            value = pattern.sub(MASK, value)
+            value = _sub(pattern, value, self._overlap)
         return value
 
     def value(self, value: Any) -> Any:
@@ -41,3 +82,49 @@ class Redactor:
         if isinstance(value, list):
             return [self.value(v) for v in value]
         return value
+
+
+@functools.lru_cache(maxsize=8)
+def _shared(patterns: tuple[str, ...], max_chars: int) -> Redactor:
+    """One Redactor per configuration in a process that receives them pickled."""
+    return Redactor(list(patterns), max_chars=max_chars)
+
+
+def redacted_audit_row(redactor: Redactor, row: dict[str, Any]) -> dict[str, Any]:
+    """An audit row as it is stored: its error, request and reply through the redactor. The write queue's
+    `prepare` (`functools.partial(redacted_audit_row, redactor)`): runs in its process, off the loop."""
+    redacted = dict(row)
+    if row.get("error") is not None:
+        redacted["error"] = redactor.text(row["error"])
+    redacted["request"] = redactor.value(row["request"])
+    if row.get("reply") is not None:
+        redacted["reply"] = redactor.value(row["reply"])
+    return redacted
+
+
+def _sub(pattern: re.Pattern[str], text: str, overlap: int) -> str:
+    """`pattern.sub(MASK, text)`, one window of CHUNK characters (plus `overlap`) per regex call.
+
+    Matches are taken when they start inside the window's first CHUNK characters; the next window starts
+    where the last match ended (or at the chunk's end), so a match across a boundary is found whole.
+    Lookbehinds and `\\b` see the text before a window (`pos` does not cut the string).
+    """
+    if len(text) <= CHUNK + overlap:
+        return pattern.sub(MASK, text)
+    pieces: list[str] = []
+    done = pos = 0
+    size = len(text)
+    while pos < size:
+        end = min(size, pos + CHUNK)
+        for found in pattern.finditer(text, pos, min(size, end + overlap)):
+            start, stop = found.span()
+            if start >= end:
+                break
+            if stop > start:
+                pieces.append(text[done:start])
+                pieces.append(MASK)
+                done = stop
+        pos = max(end, done)
+        time.sleep(0)  # in a thread: let one that waits for the GIL (the event loop's) have it now
+    pieces.append(text[done:])
+    return "".join(pieces)

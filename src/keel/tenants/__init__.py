@@ -1,5 +1,6 @@
 """Tenants, API keys, and who a request is."""
 
-from keel.tenants.service import SCOPES, KeyInfo, Principal, Tenant, TenantService
+from keel.tenants.principal import Principal, narrow
+from keel.tenants.service import SCOPES, KeyInfo, Tenant, TenantService
 
-__all__ = ["SCOPES", "KeyInfo", "Principal", "Tenant", "TenantService"]
+__all__ = ["SCOPES", "KeyInfo", "Principal", "Tenant", "TenantService", "narrow"]

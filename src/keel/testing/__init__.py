@@ -1,5 +1,6 @@
 """Test doubles shipped with Keel: a fake upstream speaking the OpenAI and Anthropic wire formats, an OTLP
-trace receiver, and a TCP proxy that can cut a connection (a database outage on command)."""
+trace receiver, a TCP proxy that can cut a connection (a database outage on command), and an HTTP proxy
+(CONNECT tunnels) as egress-controlled networks have."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from keel.testing.fake_upstream import FakeUpstream, RecordedRequest, Reply, unused_base_url
+    from keel.testing.http_proxy import HttpProxy
     from keel.testing.otlp import OtlpReceiver, ReceivedSpan
     from keel.testing.tcp_proxy import TcpProxy
 
 __all__ = [
     "FakeUpstream",
+    "HttpProxy",
     "KeelProcess",
     "OtlpReceiver",
     "ReceivedSpan",
@@ -27,6 +30,7 @@ _MODULES = {
     "RecordedRequest": "fake_upstream",
     "Reply": "fake_upstream",
     "unused_base_url": "fake_upstream",
+    "HttpProxy": "http_proxy",
     "OtlpReceiver": "otlp",
     "ReceivedSpan": "otlp",
     "TcpProxy": "tcp_proxy",

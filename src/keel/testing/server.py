@@ -10,6 +10,7 @@ from types import TracebackType
 import uvicorn
 
 from keel.app import create_app
+from keel.gateway import Components
 from keel.settings import Settings
 
 
@@ -37,6 +38,18 @@ class KeelServer:
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
         )
+
+    @property
+    def components(self) -> Components:
+        """What the lifespan built (models, stores, ...): for tests that reach past the HTTP API."""
+        components: Components = self.app.app.state.keel  # type: ignore[attr-defined]
+        return components
+
+    def admin_headers(self) -> dict[str, str]:
+        """The bootstrap admin key (DATA_DIR/admin.key) as an Authorization header: /metrics and the
+        detail of /readyz need an admin key."""
+        key = (self.settings.data_dir / "admin.key").read_text().strip()
+        return {"Authorization": f"Bearer {key}"}
 
     @property
     def url(self) -> str:

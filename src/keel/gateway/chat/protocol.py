@@ -2,15 +2,38 @@
 
 Unknown-field policy: refused with a 400 that names the field. Silently ignoring a parameter the client
 relies on (say `response_format`) would be a quiet wrong answer; a clear error is better.
+
+Bounds: every list and every free-form string that is not message text has a cap (the constants below,
+OpenAI's own where it documents one), checked while the body is parsed, so a request cannot make Keel
+store 100 000 conversation rows or match a megabyte stop string; a request over a cap is a 400 naming the
+field. Message text is bounded by the body size and the tier's tokens per minute.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from keel.llm import ChatResult, Usage
+
+MAX_MESSAGES = 2048  # OpenAI's limit; each new turn of a conversation is a stored row
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_TOOL_CALLS = 128  # per assistant message of the history
+MAX_STOP = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # per stop sequence: every streamed token is matched against it
+MAX_USER_CHARS = 256  # stored in the audit record and the usage ledger
+MAX_MODEL_CHARS = 256
+MAX_NAME_CHARS = 256  # a participant's name, a tool call's id
+MAX_FUNCTION_NAME_CHARS = 64  # OpenAI's limit
+MAX_PROMPT_VARIABLES = 64  # their names are kept in the audit record
+MAX_VARIABLE_NAME_CHARS = 64
+
+
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
+StopSequence = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+VariableName = Annotated[str, StringConstraints(max_length=MAX_VARIABLE_NAME_CHARS)]
 
 
 class _Strict(BaseModel):
@@ -26,12 +49,12 @@ Content = str | list[TextPart]
 
 
 class FunctionCall(_Strict):
-    name: str
+    name: Name
     arguments: str
 
 
 class ToolCall(_Strict):
-    id: str
+    id: Name
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -39,33 +62,33 @@ class ToolCall(_Strict):
 class SystemMessage(_Strict):
     role: Literal["system"]
     content: Content
-    name: str | None = None
+    name: Name | None = None
 
 
 class DeveloperMessage(_Strict):
     role: Literal["developer"]
     content: Content
-    name: str | None = None
+    name: Name | None = None
 
 
 class UserMessage(_Strict):
     role: Literal["user"]
     content: Content
-    name: str | None = None
+    name: Name | None = None
 
 
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
     content: Content | None = None
     refusal: str | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    name: Name | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
 
 
 class ToolMessage(_Strict):
     role: Literal["tool"]
     content: Content
-    tool_call_id: str
+    tool_call_id: Name
 
 
 Message = Annotated[
@@ -75,7 +98,7 @@ Message = Annotated[
 
 
 class FunctionDefinition(_Strict):
-    name: str
+    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -96,31 +119,148 @@ class PromptReference(_Strict):
     name: str | None = Field(default=None, min_length=1, max_length=128)
     label: str | None = Field(default=None, min_length=1, max_length=63)
     version: int | None = Field(default=None, ge=1)
-    variables: dict[str, Any] | None = None
+    variables: dict[VariableName, Any] | None = Field(default=None, max_length=MAX_PROMPT_VARIABLES)
 
 
 class ChatCompletionRequest(_Strict):
-    messages: list[Message] = Field(min_length=1)
-    model: str | None = None  # the default model when absent
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)  # the default model when absent
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     n: int | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
     # Keel's extension: the conversation this turn belongs to (or header X-Keel-Conversation-Id).
     conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
     # Keel's extension: a registry prompt rendered before the messages (or header X-Keel-Prompt).
     prompt: PromptReference | None = None
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_bounds(cls, stop: Any) -> Any:
+        """The caps again, for a clear message: a union's own error would start with the wrong member
+        ("Input should be a valid string" for five stop sequences)."""
+        sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+        if len(sequences) > MAX_STOP:
+            raise PydanticCustomError(
+                "too_long",
+                "at most {limit} stop sequences, not {count}",
+                {"limit": MAX_STOP, "count": len(sequences)},
+            )
+        for sequence in sequences:
+            if isinstance(sequence, str) and len(sequence) > MAX_STOP_CHARS:
+                raise PydanticCustomError(
+                    "string_too_long",
+                    "a stop sequence may have at most {limit} characters, not {count}",
+                    {"limit": MAX_STOP_CHARS, "count": len(sequence)},
+                )
+        return stop
+
 
 # --- responses ------------------------------------------------------------------------------------
+# The answers are built as dicts (`completion_json`, `ChunkWriter`: the hot path); these models describe
+# them for /openapi.json, and tests/gateway/test_openapi.py holds real answers to them.
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: str | None
+    refusal: None = None
+    role: Literal["assistant"]
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    finish_reason: str | None
+    index: int
+    logprobs: None = None
+    message: CompletionMessage
+
+
+class ChatCompletion(BaseModel):
+    """The answer of a request with `"stream": false` (or none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    choices: list[Choice]
+    created: int
+    model: str = Field(description="The alias that answered (a fallback's when one did).")
+    object: Literal["chat.completion"]
+    system_fingerprint: None = None
+    usage: CompletionUsage
+
+
+class ChunkFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    arguments: str
+
+
+class ChunkToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChunkFunction
+
+
+class ChunkDelta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: str | None = None
+    role: Literal["assistant"] | None = None
+    tool_calls: list[ChunkToolCall] | None = None
+
+
+class ChunkChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    delta: ChunkDelta
+    finish_reason: str | None
+    index: int
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a request with `"stream": true`; the stream ends with `data: [DONE]`. With
+    `stream_options.include_usage`, every chunk has `"usage": null` and a last one with no choices carries
+    the usage."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"]
+    system_fingerprint: None = None
+    usage: CompletionUsage | None = None
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, as OpenAI sends them; mid-stream, the same object as one `data:` event."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
 
 
 def usage_json(usage: Usage | None) -> dict[str, int]:

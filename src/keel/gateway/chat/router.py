@@ -71,27 +71,37 @@ class ChatCompletions:
             wanted = _READ.get(name)
             if wanted is not None:
                 headers[wanted] = value.decode("latin-1")
+        client = scope.get("client")
         principal = await keel.authenticator.authenticate(
-            headers.get("authorization"), headers.get("x-api-key")
+            headers.get("authorization"), headers.get("x-api-key"), client[0] if client else None
         )
         tenant_var.set(principal.tenant)
-        body = parse_body(await read_body(receive))
-        # The client leaving cancels retries, backoff and the upstream call at once.
-        async with watch_disconnect(receive) as watch:
-            opened = await keel.chat.open(
-                principal,
-                body,
-                state["request_id"],
-                headers.get(CONVERSATION_HEADER),
-                state["received"],
-                timeout_header=headers.get(TIMEOUT_HEADER),
-                prompt_header=headers.get(PROMPT_HEADER),
-            )
-            try:
-                await self._answer(opened, body, send, watch)
-                await opened.finish()  # after the answer went out: record, settle the lease
-            finally:
-                await opened.aclose()
+        # Requests per minute and a concurrency slot before the body is read: a refused client costs no
+        # read and no parse. Tokens per minute once the body says how many.
+        lease = await keel.chat.admit(principal)
+        try:
+            body = parse_body(await read_body(receive))
+            # The client leaving cancels retries, backoff and the upstream call at once.
+            async with watch_disconnect(receive) as watch:
+                opened = await keel.chat.open(
+                    principal,
+                    body,
+                    lease,
+                    state["request_id"],
+                    headers.get(CONVERSATION_HEADER),
+                    state["received"],
+                    timeout_header=headers.get(TIMEOUT_HEADER),
+                    prompt_header=headers.get(PROMPT_HEADER),
+                    client_request_id=state.get("client_request_id"),
+                )
+                try:
+                    await self._answer(opened, body, send, watch)
+                    await opened.finish()  # after the answer went out: record, settle the lease
+                finally:
+                    await opened.aclose()
+        finally:
+            if lease is not None:  # already released, unless the request failed before it was opened
+                await lease.release()
 
     async def _answer(
         self, opened: OpenedChat, body: ChatCompletionRequest, send: _Started, watch: watch_disconnect

@@ -1,4 +1,10 @@
-"""The chat completion service: rate limits around the pipeline. No FastAPI in here."""
+"""The chat completion service: rate limits around the pipeline. No FastAPI in here.
+
+A request meets the limiter twice: `admit` takes a request and a concurrency slot before its body is
+read (a refused client costs no parsing), `open` reserves the token estimate of the parsed request (the
+whole prompt, tools and the completion cap). When the call ends, the lease is settled with the usage the
+pipeline reports (or estimates, when none arrived) and always released.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +18,16 @@ from opentelemetry.trace import NoOpTracer, Tracer
 
 from keel.errors import InvalidRequestError, RateLimitError
 from keel.gateway.chat.protocol import ChatCompletionRequest
-from keel.llm import CallTrace, ChatEvent, ChatRequest, Usage
+from keel.llm import CallTrace, ChatEvent, ChatRequest, ChatResult
 from keel.pipeline import ChatCall, ChatPipeline
 from keel.prompts.reference import prompt_reference
-from keel.ratelimit import Lease, RateLimiter
+from keel.ratelimit import Lease, RateLimiter, prompt_tokens
 from keel.settings import Settings
 from keel.telemetry.metrics import Metrics
 from keel.telemetry.tracing import stage
 from keel.tenants import Principal
 
 _SANE_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-CHARS_PER_TOKEN = 4  # a cheap pre-call estimate; the real usage corrects the TPM bucket afterwards
 
 
 class OpenedChat:
@@ -30,8 +35,9 @@ class OpenedChat:
 
     `finish()`, after the answer went out: lets the pipeline run past its last event (its record stage),
     then closes. Off the critical path: the client already has its answer while Keel records it.
-    `aclose()` closes the pipeline and settles and releases the rate-limit lease, exactly once; the router
-    calls it however the response ends, so a client that leaves early still frees its concurrency slot.
+    `aclose()` closes the pipeline, then settles the rate-limit lease with what the call used and releases
+    it, exactly once; the router calls it however the response ends, so a client that leaves early is
+    charged for what it was streamed and still frees its concurrency slot.
     """
 
     def __init__(
@@ -39,6 +45,7 @@ class OpenedChat:
         first: ChatEvent,
         rest: AsyncGenerator[ChatEvent, None],
         lease: Lease | None,
+        call: ChatCall,
         headers: dict[str, str],
         model: str,
         conversation_id: str | None,
@@ -46,7 +53,7 @@ class OpenedChat:
         self._first: ChatEvent | None = first
         self._rest = rest
         self._lease = lease
-        self._used = 0
+        self._call = call
         self._closed = False
         self.headers = headers
         self.model = model
@@ -59,11 +66,8 @@ class OpenedChat:
         # A plain iterator rather than an async generator: one layer less per event.
         event = self._first
         if event is None:
-            event = await anext(self._rest)
-        else:
-            self._first = None
-        if isinstance(event, Usage):
-            self._used = event.input_tokens + event.output_tokens
+            return await anext(self._rest)
+        self._first = None
         return event
 
     async def finish(self) -> None:
@@ -77,10 +81,11 @@ class OpenedChat:
         if self._closed:
             return
         self._closed = True
-        await self._rest.aclose()
-        if self._lease is not None:
-            await self._lease.settle(self._used)
-            await self._lease.release()
+        try:
+            await self._rest.aclose()  # runs the pipeline's record stage, which fills call.usage
+        finally:
+            if self._lease is not None:
+                await self._lease.end(used_tokens(self._call))
 
 
 class ChatService:
@@ -102,19 +107,39 @@ class ChatService:
         self._model_configs = settings.models
         self._default_completion = settings.default_completion_tokens_estimate
 
+    async def admit(self, principal: Principal) -> Lease | None:
+        """A request and a concurrency slot, before the request's body is read (refused: 429). The caller
+        releases the lease in a `finally`; None when rate limits are off."""
+        if self._limiter is None:
+            return None
+        with stage(self._tracer, "rate_limit"):
+            try:
+                return await self._limiter.acquire(str(principal.tenant_id), self._tiers[principal.tier], 0)
+            except RateLimitError as exc:
+                self._refused(principal, exc)
+                raise
+
     async def open(
         self,
         principal: Principal,
         body: ChatCompletionRequest,
+        lease: Lease | None,
         request_id: str,
         conversation_id: str | None,
         received: float = 0.0,
         *,
         timeout_header: str | None = None,
         prompt_header: str | None = None,
+        client_request_id: str | None = None,
     ) -> OpenedChat:
-        """Everything up to the model's first event, so failures there still get a proper HTTP status."""
+        """Everything up to the model's first event, so failures there still get a proper HTTP status.
+
+        `lease`: from `admit`; its token estimate is reserved here, and it is settled and released when
+        the returned chat closes (or here, when the call fails before its first event)."""
         request = to_chat_request(body, self._default_model)
+        request = self._pipeline.cap_output(request)  # max_tokens over the alias's cap: before the estimate
+        if body.model is not None:  # refused before any token is reserved; a prompt's choice: in the pipeline
+            principal.require_model(request.model)
         conversation_id = body.conversation_id or conversation_id
         if conversation_id is not None and not _SANE_CONVERSATION_ID.match(conversation_id):
             raise InvalidRequestError(
@@ -123,20 +148,9 @@ class ChatService:
             )
         prompt = prompt_reference(body.prompt.model_dump() if body.prompt else None, prompt_header)
         request.trace.deadline = self._deadline(request.model, timeout_header)
-        lease = None
         headers: dict[str, str] = {}
-        if self._limiter is not None:
-            estimate = estimate_tokens(request, self._default_completion)
-            with stage(self._tracer, "rate_limit"):
-                try:
-                    lease = await self._limiter.acquire(
-                        str(principal.tenant_id), self._tiers[principal.tier], estimate
-                    )
-                except RateLimitError as exc:
-                    if self._metrics is not None:
-                        for kind in _limit_kinds(exc):
-                            self._metrics.rate_limited.labels(principal.tier, kind).inc()
-                    raise
+        if lease is not None:
+            await self._reserve(principal, lease, request)
             headers = lease.state.headers()
         call = ChatCall(
             request_id,
@@ -147,19 +161,67 @@ class ChatService:
             received=received,
             audit_content=principal.audit_content,
             model_named=body.model is not None,
+            client_request_id=client_request_id,
+            check_model=principal.require_model,
         )
         events = self._pipeline.stream(call)
         try:
             first = await anext(events)
         except BaseException:
-            await events.aclose()
-            if lease is not None:
-                await lease.settle(0)
-                await lease.release()
+            try:
+                await events.aclose()
+            finally:
+                if lease is not None:  # the pipeline charged what the upstream had (a timeout), or 0
+                    await lease.end(used_tokens(call))
             raise
         answered = request.trace.answered_by or request.model
         headers |= model_headers(request.trace, answered)
-        return OpenedChat(first, events, lease, headers, answered, conversation_id)
+        return OpenedChat(first, events, lease, call, headers, answered, conversation_id)
+
+    async def collect(self, principal: Principal, call: ChatCall, lease: Lease | None) -> ChatResult:
+        """A call built elsewhere (a replay), under the same limits as a chat completion: `lease` from
+        `admit`, its estimate reserved here; settled with what the call used and released at the end."""
+        try:
+            if lease is not None:
+                await self._reserve(principal, lease, call.request)
+            result = ChatResult()
+            events = self._pipeline.stream(call)
+            try:
+                async for event in events:
+                    result.add(event)
+            finally:
+                await events.aclose()
+            return result
+        finally:
+            if lease is not None:
+                await lease.end(used_tokens(call))
+
+    async def _reserve(self, principal: Principal, lease: Lease, request: ChatRequest) -> None:
+        with stage(self._tracer, "rate_limit.tokens"):
+            try:
+                await lease.reserve(self.estimate(request))
+            except RateLimitError as exc:
+                self._refused(principal, exc)
+                raise
+
+    def estimate(self, request: ChatRequest) -> int:
+        """The tokens reserved before the call: the whole prompt (messages, tool calls, tool definitions)
+        and the most the reply may take (`max_tokens` within the alias's `max_output_tokens`, else that,
+        else the default guess).
+        The real usage (history and a registry prompt included) corrects it when the call ends."""
+        config = self._model_configs.get(request.model)
+        cap = config.max_output_tokens if config is not None else None
+        completion = request.max_tokens
+        if completion is None:
+            completion = cap or self._default_completion
+        elif cap is not None:
+            completion = min(completion, cap)  # the pipeline lowers max_tokens to the alias's cap
+        return prompt_tokens(request) + completion
+
+    def _refused(self, principal: Principal, exc: RateLimitError) -> None:
+        if self._metrics is not None:
+            for kind in _limit_kinds(exc):
+                self._metrics.rate_limited.labels(principal.tier, kind).inc()
 
     def _deadline(self, alias: str, header: str | None) -> float | None:
         """time.monotonic() by which the model call must end: the alias's total timeout, or the client's
@@ -231,12 +293,8 @@ def to_chat_request(body: ChatCompletionRequest, default_model: str) -> ChatRequ
     )
 
 
-def estimate_tokens(request: ChatRequest, default_completion: int) -> int:
-    chars = 0
-    for message in request.messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(part.get("text", "")) for part in content)
-    return chars // CHARS_PER_TOKEN + 4 * len(request.messages) + (request.max_tokens or default_completion)
+def used_tokens(call: ChatCall) -> int:
+    """What to settle a lease with: the usage the pipeline reported or estimated; 0 when the call never
+    reached the model."""
+    usage = call.usage
+    return usage.input_tokens + usage.output_tokens if usage is not None else 0
