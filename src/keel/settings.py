@@ -59,6 +59,25 @@ DEFAULT_REDACTIONS: tuple[str, ...] = (
     r"\b\d{3}-\d{2}-\d{4}\b",  # US social security numbers
 )
 
+# A cheap pre-check per default pattern: it can match only where one of these strings occurs (checked
+# case-insensitively for a (?i) pattern), so most text skips most patterns. Patterns not listed always run.
+REDACTION_HINTS: dict[str, tuple[str, ...]] = {
+    DEFAULT_REDACTIONS[0]: ("k-", "k_"),
+    DEFAULT_REDACTIONS[1]: ("AKIA", "ASIA"),
+    DEFAULT_REDACTIONS[3]: ("bearer",),
+    DEFAULT_REDACTIONS[4]: ("authorization",),
+    DEFAULT_REDACTIONS[5]: ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    DEFAULT_REDACTIONS[6]: ("github_pat_",),
+    DEFAULT_REDACTIONS[7]: ("AIza",),
+    DEFAULT_REDACTIONS[8]: ("xox",),
+    DEFAULT_REDACTIONS[9]: ("eyJ",),
+    DEFAULT_REDACTIONS[10]: ("-----BEGIN",),
+    DEFAULT_REDACTIONS[11]: ("://",),
+    DEFAULT_REDACTIONS[12]: ("@",),
+    DEFAULT_REDACTIONS[13]: ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"),
+    DEFAULT_REDACTIONS[14]: ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"),
+}
+
 
 class TierLimits(BaseModel):
     requests_per_minute: int = Field(gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import asyncpg
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from keel.db import WriteQueue
 from keel.db.engine import create_engine
 from keel.db.tables import conversation_messages, conversations, tenants
+from keel.db.writer import SMALL_ROW_CHARS
 from keel.testing.server import KeelServer
 
 
@@ -168,9 +170,10 @@ async def test_rows_linger_for_a_batch_unless_urgent_or_flushed(database_url: st
 
 
 def _shout(row: dict[str, object]) -> dict[str, object]:
-    """A picklable prepare: the message's content in capitals."""
+    """A picklable prepare: the message's content in capitals, and which process prepared it."""
     message = dict(row["message"])  # type: ignore[call-overload]
     message["content"] = str(message["content"]).upper()
+    message["pid"] = os.getpid()
     return {**row, "message": message}
 
 
@@ -183,23 +186,33 @@ def _refuse(row: dict[str, object]) -> dict[str, object]:
 async def test_prepare_runs_off_the_loop_and_a_failing_one_drops_its_row(
     database_url: str, keel: KeelServer, in_process: bool
 ) -> None:
+    """Rows with much text are prepared in the executor's process, small ones in a thread here."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     engine, tenant_id, conversation = await _setup(database_url)
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if in_process else None
     queue = WriteQueue(engine, batch_size=100, executor=pool)
+    padding = "x" * SMALL_ROW_CHARS
     for i in range(6):
         prepare = _refuse if i == 4 else _shout if i % 2 else None
-        queue.put(conversation_messages, _row(tenant_id, conversation, i), prepare=prepare)
+        row = _row(tenant_id, conversation, i)
+        if i == 3:  # a large row
+            row["message"] = {"role": "assistant", "content": f"reply {i} {padding}"}
+        queue.put(conversation_messages, row, prepare=prepare)
     queue.start()
     await asyncio.wait_for(queue.flush(), 30)
     async with engine.connect() as conn:
         query = select(conversation_messages.c.message).where(
             conversation_messages.c.conversation_id == conversation
         )
-        stored = sorted(row.message["content"] for row in await conn.execute(query))
-    assert stored == ["REPLY 1", "REPLY 3", "REPLY 5", "reply 0", "reply 2"]  # 4: never written raw
+        stored = {row.message["content"][:7]: row.message.get("pid") for row in await conn.execute(query)}
+    assert sorted(stored) == ["REPLY 1", "REPLY 3", "REPLY 5", "reply 0", "reply 2"]  # 4: never written raw
+    assert stored["REPLY 1"] == stored["REPLY 5"] == os.getpid()  # small: a thread of this process
+    if in_process:
+        assert stored["REPLY 3"] != os.getpid()
+    else:
+        assert stored["REPLY 3"] == os.getpid()
     assert queue.rejected == 1
     await queue.close()
     if pool is not None:

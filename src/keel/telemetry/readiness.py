@@ -117,7 +117,12 @@ class Readiness:
         url = f"{base}/models" if config.provider == "openai" else f"{base}/v1/models"
         try:
             response = await self._client.request(
-                "GET", url, headers=headers, total=5, connect_timeout=config.connect_timeout
+                "GET",
+                url,
+                headers=headers,
+                total=5,
+                connect_timeout=config.connect_timeout,
+                ca_bundle=str(config.ca_bundle) if config.ca_bundle else None,  # as the provider calls it
             )
             status = response.status
             response.close()  # only the status matters; the body is not worth a pooled connection

@@ -19,20 +19,14 @@ import time
 import uuid
 from typing import Any
 
+from keel.settings import REDACTION_HINTS
+
 MASK = "[REDACTED]"
 DEFAULT_MAX_CHARS = 262_144
 CHUNK = 32_768  # match starts looked for per regex call: ~10-15 ms with the default patterns
 MAX_OVERLAP = 16_384  # how far past its window a match may run (the longest pattern's width, at most this)
 
 _parser: Any = importlib.import_module("re._parser")  # for a pattern's widest match (no public stub)
-
-_GLOBAL_FLAGS = re.compile(r"^\(\?([imsx]+)\)")
-
-
-def _scoped(pattern: str) -> str:
-    """`(?i)abc` → `(?i:abc)`: the same match, but one that can be combined with other patterns."""
-    found = _GLOBAL_FLAGS.match(pattern)
-    return f"(?{found.group(1)}:{pattern[found.end() :]})" if found else f"(?:{pattern})"
 
 
 def truncated(value: str, max_chars: int) -> str:
@@ -59,18 +53,29 @@ class Redactor:
         self.max_chars = max_chars
         widths = [_parser.parse(p).getwidth()[1] for p in patterns]
         self._overlap = min(MAX_OVERLAP, max([64, *widths]))
-        try:
-            self._patterns = [re.compile("|".join(_scoped(p) for p in patterns))] if patterns else []
-        except re.error:
-            self._patterns = [re.compile(p) for p in patterns]
+        # One pass per pattern, each behind its hint (a string it cannot match without): on ordinary
+        # text almost every pattern is skipped by a substring test, and a single pattern keeps the
+        # regex engine's literal-prefix search. Measured on 184 characters of plain text: 15 patterns
+        # combined into one alternation 50 µs, one by one 34 µs, behind their hints 6 µs.
+        self._patterns = [(re.compile(p), REDACTION_HINTS.get(p)) for p in patterns]
 
     def __reduce__(self) -> tuple[Any, tuple[tuple[str, ...], int]]:
         return _shared, self._config
 
     def text(self, value: str, *, max_chars: int | None = None) -> str:
         value = truncated(value, self.max_chars if max_chars is None else max_chars)
-        for pattern in self._patterns:
+        lowered: str | None = None  # made once, for the case-insensitive patterns' hints
+        for pattern, hints in self._patterns:
+            if hints is not None:
+                if pattern.flags & re.IGNORECASE:
+                    lowered = value.lower() if lowered is None else lowered
+                    seen = lowered
+                else:
+                    seen = value
+                if not any(hint in seen for hint in hints):
+                    continue
             value = _sub(pattern, value, self._overlap)
+            lowered = None  # the text may have changed
         return value
 
     def value(self, value: Any) -> Any:
