@@ -197,7 +197,7 @@ async def test_full_queue_is_refused_at_once_and_a_cancelled_waiter_leaves_it() 
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert await queued(model) == 0
+        await eventually(lambda: has_queued(model, 0))  # the worker sees the closed connection
         later = asyncio.create_task(collect(model, ask(QUESTION, max_tokens=4)))
         await running.aclose()
         assert result_of(await later).usage is not None
