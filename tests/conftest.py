@@ -142,6 +142,12 @@ def run_db(database_url: str, action: Callable[[TenantService], Awaitable[T]]) -
     return asyncio.run(go())
 
 
+@pytest.fixture
+def on_tenants(database_url: str) -> Callable[[Callable[[TenantService], Awaitable[Any]]], Any]:
+    """`run_db` on the session's database, for tests (which cannot import this module)."""
+    return lambda action: run_db(database_url, action)
+
+
 @dataclass(frozen=True)
 class TenantKeys:
     name: str

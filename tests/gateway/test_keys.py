@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from keel.db.engine import create_engine
 from keel.tenants import TenantService
 from keel.testing.server import KeelServer
-
-T = TypeVar("T")
-
-
-def run_db(database_url: str, action: Callable[[TenantService], Awaitable[T]]) -> T:
-    async def go() -> T:
-        engine = create_engine(database_url, pool_size=1)
-        try:
-            return await action(TenantService(engine))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
 
 
 def _admin(keel: KeelServer, key: str) -> httpx.Client:
@@ -75,13 +60,13 @@ def test_a_chat_key_cannot_delete_keys(keel: KeelServer, tenant: Any) -> None:
 
 
 def test_an_expired_key_is_refused_even_while_cached(
-    keel: KeelServer, database_url: str, tenant: Any, make_client: Callable[..., openai.OpenAI]
+    keel: KeelServer, on_tenants: Callable[..., Any], tenant: Any, make_client: Callable[..., openai.OpenAI]
 ) -> None:
     async def short_lived(tenants: TenantService) -> str:
         _, secret = await tenants.create_key(tenant.name, "chat", expires_in=timedelta(seconds=2))
         return secret
 
-    secret = run_db(database_url, short_lived)
+    secret: str = on_tenants(short_lived)
     sdk = make_client(keel, secret)
     assert sdk.models.list().data  # cached now, for the session server's 10 s TTL
     time.sleep(2.5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
-import subprocess
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -293,28 +292,9 @@ async def test_header_values_with_line_breaks_are_refused(client: HttpClient) ->
         await client.request("POST", "http://127.0.0.1:9/x", headers={"X-A": "1\r\nX-Injected: 1"})
 
 
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    command = [
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=localhost",
-    ]
-    command += ["-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)]
-    subprocess.run(command, check=True, capture_output=True)
-    return key, cert
-
-
 @pytest.mark.asyncio
-async def test_https_verifies_the_server_and_sends_sni(tmp_path: Path) -> None:
-    key, cert = _certificate(tmp_path)
+async def test_https_verifies_the_server_and_sends_sni(certificate: tuple[Path, Path]) -> None:
+    key, cert = certificate
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     names: list[str | None] = []

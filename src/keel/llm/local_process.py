@@ -181,7 +181,10 @@ def describe_exit(status: int, was_up: bool, tail: deque[str]) -> str:
     when = "while answering" if was_up else "while loading"
     if status < 0:
         number = -status
-        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:  # a number with no name here
+            name = str(number)
         what = f"the worker process was killed by {name} {when}"
         if number in CRASH_SIGNALS:
             what += f" (a crash in llama.cpp; {REBUILD_HINT})"

@@ -153,25 +153,17 @@ class TenantService:
     async def set_allowed_models(self, name: str, models: Sequence[str] | None) -> list[str] | None:
         """The aliases this tenant's keys may call (None or empty: every alias its tier allows)."""
         cleaned = self._model_list(models)
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(tenants)
-                .where(tenants.c.name == name)
-                .values(allowed_models=cleaned)
-                .returning(tenants.c.id)
-            )
-            if result.one_or_none() is None:
-                raise NotFoundError(f"no tenant named {name!r}", param="tenant")
+        await self._update_tenant(name, allowed_models=cleaned)
         return cleaned
 
     async def set_audit_content(self, name: str, enabled: bool) -> None:
         """Whether audit records of this tenant keep message content (False: metadata only)."""
+        await self._update_tenant(name, audit_content=enabled)
+
+    async def _update_tenant(self, name: str, **values: Any) -> None:
         async with self._engine.begin() as conn:
             result = await conn.execute(
-                update(tenants)
-                .where(tenants.c.name == name)
-                .values(audit_content=enabled)
-                .returning(tenants.c.id)
+                update(tenants).where(tenants.c.name == name).values(**values).returning(tenants.c.id)
             )
             if result.one_or_none() is None:
                 raise NotFoundError(f"no tenant named {name!r}", param="tenant")
