@@ -50,6 +50,20 @@ def test_case_insensitive_patterns_and_the_hints_that_skip_patterns() -> None:
     assert Redactor([r"(?i)x-\d", r"ab"]).text("X-1 AB ab") == f"{MASK} AB {MASK}"
 
 
+def test_the_quick_skips_skip_nothing_a_pattern_would_match() -> None:
+    """A string shorter than a pattern's narrowest match skips it, and one scan for all hints skips the
+    hinted patterns: a string exactly as long as a match, or with a hint in other case, is still redacted."""
+    redactor = Redactor(list(DEFAULT_REDACTIONS))
+    assert redactor.text("078-05-1120") == MASK  # exactly the SSN pattern's narrowest match
+    assert redactor.text("078-05-112") == "078-05-112"
+    assert redactor.text("a://b:c@d") == f"a://{MASK}@d"  # the narrowest default: URL credentials
+    assert redactor.text("BEARER abcdefghijklmnopqr") == MASK  # a (?i) pattern's hint, in capitals
+    # A mask does not hide a later pattern's hint, nor make one: each pattern sees the text as it is.
+    assert redactor.text("sk-abcdefghijklmnopqr jane@mail.example.org") == f"{MASK} {MASK}"
+    assert Redactor([r"ab"]).text("ab") == MASK  # a pattern of one's own has no hint: always run
+    assert Redactor([]).text("") == ""
+
+
 SECRETS = {
     "stripe secret key": "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",
     "stripe restricted key": "rk_live_" + "51H8aaaBBBcccDDDeeeFFF00",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor
@@ -154,32 +155,35 @@ class WriteQueue:
         """Run the `prepare` of the first `count` rows off the loop; a row whose `prepare` fails becomes
         empty: dropped, never written unprepared.
 
-        Small rows (the usual ones) are prepared in a thread of this process: a few short regex calls,
-        no pickling. Only rows carrying more than SMALL_ROW_CHARS of text go to `executor` (a process of
-        its own), where a long scan cannot hold this process's GIL."""
-        small: list[tuple[int, tuple[Row, Prepare]]] = []
-        large: list[tuple[int, tuple[Row, Prepare]]] = []
+        One hop to a thread of this process per batch: there small rows (the usual ones) are prepared,
+        a few short regex calls each, no pickling, and their size is counted there too, not on the loop.
+        Only rows carrying more than SMALL_ROW_CHARS of text go on to `executor` (a process of its own),
+        where a long scan cannot hold this process's GIL."""
+        index: list[int] = []
+        work: list[tuple[Row, Prepare]] = []
         for i in range(count):
             _, row, prepare = self._pending[i]
             if prepare is not None:
-                target = small if self._executor is None or text_size(row) <= SMALL_ROW_CHARS else large
-                target.append((i, (row, prepare)))
+                index.append(i)
+                work.append((row, prepare))
         loop = asyncio.get_running_loop()
-        results: list[tuple[int, tuple[Row, str | None]]] = []
-        if small:
-            done = await loop.run_in_executor(None, prepared_rows, [work for _, work in small])
-            results += zip([i for i, _ in small], done, strict=True)
+        limit = None if self._executor is None else SMALL_ROW_CHARS
+        done = await loop.run_in_executor(None, prepared_rows, work, limit)
+        large = [k for k, result in enumerate(done) if result is None]
         if large:
             try:
-                done = await loop.run_in_executor(self._executor, prepared_rows, [work for _, work in large])
+                moved = await loop.run_in_executor(self._executor, prepared_rows, [work[k] for k in large])
             except BrokenExecutor:  # its process died (killed, out of memory): go on in a thread
                 log.exception(
                     "write queue: the prepare process broke; preparing rows in a thread from now on"
                 )
                 self._executor = None
-                done = await loop.run_in_executor(None, prepared_rows, [work for _, work in large])
-            results += zip([i for i, _ in large], done, strict=True)
-        for i, (prepared, error) in results:
+                moved = await loop.run_in_executor(None, prepared_rows, [work[k] for k in large])
+            for k, result in zip(large, moved, strict=True):
+                done[k] = result
+        for i, result in zip(index, done, strict=True):
+            assert result is not None  # every large row came back from the second hop
+            prepared, error = result
             table, row, _ = self._pending[i]  # only _run pops: the first `count` are still these
             if error is not None:
                 self.rejected += 1
@@ -266,35 +270,54 @@ class WriteQueue:
         encoder = self._encoders.get(key)
         if encoder is None:
             json_columns = {c.name for c in table.columns if isinstance(c.type, JSON | JSONB)}
-            plan = [(name, name in json_columns) for name in columns]
+            json_at = [i for i, name in enumerate(columns) if name in json_columns]
+            # One C call for the values in column order (a generator over the columns costs twice as
+            # much, and this runs for every row written); then only the JSON columns are touched.
+            values: Callable[[Row], tuple[Any, ...]] = (
+                operator.itemgetter(*columns) if len(columns) > 1 else _one(columns[0])
+            )
 
             def encoder(row: Row) -> tuple[Any, ...]:
-                return tuple(
-                    _json(row[name]) if is_json and row[name] is not None else row[name]
-                    for name, is_json in plan
-                )
+                if not json_at:
+                    return values(row)
+                record = list(values(row))
+                for i in json_at:
+                    if record[i] is not None:
+                        record[i] = _json(record[i])
+                return tuple(record)
 
             self._encoders[key] = encoder
         return encoder
 
 
 def text_size(value: Any, limit: int = SMALL_ROW_CHARS) -> int:
-    """Characters of the strings in `value` (nested dicts and lists), counted until past `limit`."""
-    if isinstance(value, str):
-        return len(value)
+    """Characters of the strings in `value` (nested dicts and lists), counted until past `limit`.
+    A loop, not recursion: ~30 % cheaper on an audit row, and no depth limit."""
     total = 0
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    for item in items:
-        total += text_size(item, limit - total)
-        if total > limit:
-            break
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            total += len(item)
+            if total > limit:
+                break
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
     return total
 
 
-def prepared_rows(work: list[tuple[Row, Prepare]]) -> list[tuple[Row, str | None]]:
-    """In the executor: each row's `prepare` applied; ({}, the error) for a row where it raised."""
-    done: list[tuple[Row, str | None]] = []
+def prepared_rows(
+    work: list[tuple[Row, Prepare]], limit: int | None = None
+) -> list[tuple[Row, str | None] | None]:
+    """In the executor: each row's `prepare` applied; ({}, the error) for a row where it raised; None,
+    not prepared, for a row with more than `limit` characters of text (when a limit is given)."""
+    done: list[tuple[Row, str | None] | None] = []
     for row, prepare in work:
+        if limit is not None and text_size(row, limit) > limit:
+            done.append(None)
+            continue
         try:
             done.append((prepare(row), None))
         except Exception as exc:  # reported by the writer, in the server's log
@@ -313,6 +336,11 @@ def without_nul(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(without_nul(v) for v in value)
     return value
+
+
+def _one(name: str) -> Callable[[Row], tuple[Any, ...]]:
+    """A one-column row's record (`itemgetter` with one name gives the value, not a tuple)."""
+    return lambda row: (row[name],)
 
 
 def _json(value: Any) -> str:
