@@ -1,9 +1,9 @@
 """ChatPipeline: the stages of one chat request. No HTTP and no SQL here, only components.
 
 1. resolve prompt        PromptResolver   (pass-through until the prompt registry lands)
-2. load conversation  ┐  ConversationStore (prior turns; the new user turn is durable first)
+2. load conversation  ┐  ContextManager   (prior turns; the new user turn is durable first)
 3. retrieve           ┘  Retriever        (pass-through until RAG lands); 2 and 3 run concurrently
-4. assemble context      ContextAssembler (prompt + retrieved + history + new turns)
+4. assemble context      ContextManager   (prompt + summary + retrieved + the newest turns that fit)
 5. call the model        ModelRegistry → ChatModel (retries, fallbacks, breakers inside it)
 6. deliver               the caller iterates the events as they come
 7. record                Recorder, off the critical path
@@ -32,7 +32,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from keel.context import ConversationStore
+from keel.context import ContextDecision, ContextManager, History, reply_message
 from keel.errors import UpstreamTimeoutError
 from keel.llm import (
     Attempt,
@@ -115,6 +115,14 @@ class ChatCall:
     client_request_id: str | None = None  # the client's own X-Request-Id; request_id is always Keel's
     # Raises when the caller may not call this alias (`Principal.require_model`); None: any alias.
     check_model: Callable[[str], None] | None = None
+    context_strategy: str | None = None  # the request's `context.strategy`; None: keel.toml's default
+    kind: str = "chat"  # "chat" | "summary" | "replay": audit and costs tell them apart
+    summary_of: str | None = None  # a summary call: the conversation it summarizes (for audit)
+    # Set by the context stage (conversation turns): what was sent and why; and once the reply is
+    # committed (before the client's last byte), so the record stage does not store it again.
+    context: ContextDecision | None = None
+    reply_committed: bool = False
+    result: ChatResult | None = None  # the answer so far, as the pipeline collects it
     # Filled as the call ends, before the record stage: what it used, as the model reported it or, when no
     # usage arrived (client gone mid-stream, stream failed, timed out), estimated from what was sent and
     # streamed (`usage_estimated`). The rate limiter is settled with it; the ledger and audit record it.
@@ -185,40 +193,34 @@ class NoRetrieval:
         return []
 
 
-class ContextAssembler:
-    """System and developer messages first, then the prompt, then retrieved context, history, new turns."""
+def retrieved_messages(retrieved: list[RetrievedChunk]) -> list[Message]:
+    if not retrieved:
+        return []
+    sources = "\n\n".join(f"[{i + 1}] {chunk.text}" for i, chunk in enumerate(retrieved))
+    return [{"role": "system", "content": f"Context:\n{sources}"}]
 
-    def assemble(
-        self,
-        prompt: list[Message],
-        history: list[Message],
-        retrieved: list[RetrievedChunk],
-        new: list[Message],
-    ) -> list[Message]:
-        if not (prompt or history or retrieved):
-            return new
-        leading = [m for m in new if m["role"] in ("system", "developer")]
-        rest = [m for m in new if m["role"] not in ("system", "developer")]
-        context: list[Message] = []
-        if retrieved:
-            sources = "\n\n".join(f"[{i + 1}] {chunk.text}" for i, chunk in enumerate(retrieved))
-            context.append({"role": "system", "content": f"Context:\n{sources}"})
-        return [*prompt, *leading, *context, *history, *rest]
+
+def assemble_stateless(prompt: list[Message], retrieved: list[Message], new: list[Message]) -> list[Message]:
+    """A request without a conversation: the client sent its whole history; nothing is trimmed."""
+    if not (prompt or retrieved):
+        return new
+    leading = [m for m in new if m["role"] in ("system", "developer")]
+    rest = [m for m in new if m["role"] not in ("system", "developer")]
+    return [*prompt, *leading, *retrieved, *rest]
 
 
 class ConversationRecorder:
-    """Stores the assistant's reply of a successful conversation turn."""
+    """Stores the assistant's reply of a successful conversation turn that was not committed before its
+    answer went out (a path without a durable turn)."""
 
-    def __init__(self, conversations: ConversationStore) -> None:
-        self._conversations = conversations
+    def __init__(self, context: ContextManager) -> None:
+        self._conversations = context.conversations
 
     def record(self, outcome: CallOutcome) -> None:
         call = outcome.call
-        if call.conversation_id is None or outcome.error is not None:
+        if call.conversation_id is None or outcome.error is not None or call.reply_committed:
             return
-        reply: Message = {"role": "assistant", "content": outcome.result.text or None}
-        if outcome.result.tool_calls:
-            reply["tool_calls"] = outcome.result.tool_calls
+        reply = reply_message(outcome.result)
         self._conversations.append_later(call.tenant_id, call.conversation_id, reply, call.request_id)
 
 
@@ -226,11 +228,10 @@ class ChatPipeline:
     def __init__(
         self,
         models: ModelRegistry,
-        conversations: ConversationStore,
+        context: ContextManager,
         *,
         prompts: PromptResolver | None = None,
         retriever: Retriever | None = None,
-        assembler: ContextAssembler | None = None,
         recorders: list[Recorder] | None = None,
         tracer: Tracer | None = None,
         trace_content: bool = False,
@@ -238,11 +239,10 @@ class ChatPipeline:
         output_caps: Mapping[str, int] | None = None,
     ) -> None:
         self._models = models
-        self._conversations = conversations
+        self._context = context
         self._prompts = prompts or NoPrompt()
         self._retriever = retriever or NoRetrieval()
-        self._assembler = assembler or ContextAssembler()
-        self._recorders = recorders if recorders is not None else [ConversationRecorder(conversations)]
+        self._recorders = recorders if recorders is not None else [ConversationRecorder(context)]
         self._tracer = tracer or NoOpTracer()
         self._trace_content = trace_content
         self._observer = observer or NoObserver()
@@ -271,9 +271,22 @@ class ChatPipeline:
         model = self._models.get(call.request.model)  # unknown alias: NotFoundError before more work
         history, retrieved = await self._load_and_retrieve(call, parent, stages)
         with stage(self._tracer, "context.assemble", parent, stages):
-            messages = self._assembler.assemble(prompt.messages, history, retrieved, call.request.messages)
+            found = retrieved_messages(retrieved)
+            if history is None or call.conversation_id is None:
+                messages = assemble_stateless(prompt.messages, found, call.request.messages)
+            else:
+                messages, call.context = self._context.assemble(
+                    call.tenant_id,
+                    call.conversation_id,
+                    call.request,
+                    self._context.strategy(call.context_strategy),
+                    prompt.messages,
+                    history,
+                    found,
+                )
         sent = replace(call.request, messages=messages)
         outcome = CallOutcome(call, sent, ChatResult(), started=started, retrieved=retrieved, stages=stages)
+        call.result = outcome.result
         outcome.trace_id = trace_id_hex(get_current_span(parent))
         model_span = self._tracer.start_span("model.call", context=parent)
         outcome.model_started = time.perf_counter()
@@ -354,14 +367,16 @@ class ChatPipeline:
 
     async def _load_and_retrieve(
         self, call: ChatCall, parent: Context, stages: dict[str, float]
-    ) -> tuple[list[Message], list[RetrievedChunk]]:
-        async def load() -> list[Message]:
-            if call.conversation_id is None:
-                return []
-            new = [m for m in call.request.messages if m["role"] not in ("system", "developer")]
+    ) -> tuple[History | None, list[RetrievedChunk]]:
+        async def load() -> History:
+            assert call.conversation_id is not None
             with stage(self._tracer, "context.load", parent, stages):
-                return await self._conversations.begin_turn(
-                    call.tenant_id, call.conversation_id, new, call.request_id
+                return await self._context.load(
+                    call.tenant_id,
+                    call.conversation_id,
+                    call.request,
+                    call.request_id,
+                    self._context.strategy(call.context_strategy),
                 )
 
         async def retrieve() -> list[RetrievedChunk]:
@@ -369,8 +384,52 @@ class ChatPipeline:
                 return await self._retriever.retrieve(call)
 
         if call.conversation_id is None:  # nothing to overlap: skip gather's task overhead
-            return [], await retrieve()
+            return None, await retrieve()
         return await asyncio.gather(load(), retrieve())
+
+    async def commit_turn(self, call: ChatCall) -> None:
+        """A conversation turn that answered: commit its reply before the client gets the last byte."""
+        result = call.result
+        if call.conversation_id is None or result is None or result.finish_reason is None:
+            return
+        await self._context.commit_reply(
+            call.tenant_id, call.conversation_id, call.request.model, call.request_id, result
+        )
+        call.reply_committed = True
+
+    async def summary(
+        self,
+        tenant_id: uuid.UUID,
+        conversation_id: str,
+        messages: list[Message],
+        prompt: str | None,
+        alias: str,
+        request_id: str,
+        max_tokens: int,
+    ) -> str:
+        """A rolling summary's text, asked through every stage like a chat call (audited, costed)."""
+        call = ChatCall(
+            request_id,
+            tenant_id,
+            ChatRequest(model=alias, messages=messages, max_tokens=max_tokens, temperature=0.0),
+            prompt={"name": prompt, "label": "production"} if prompt is not None else None,
+            received=time.perf_counter(),
+            kind="summary",
+            summary_of=conversation_id,
+        )
+        result = await self.run(call)
+        return result.text
+
+    async def run(self, call: ChatCall) -> ChatResult:
+        """The whole answer of a call made by Keel itself (a summary): same stages, same records."""
+        result = ChatResult()
+        events = self.stream(call)
+        try:
+            async for event in events:
+                result.add(event)
+        finally:
+            await events.aclose()
+        return result
 
     def _record(self, outcome: CallOutcome) -> None:
         for recorder in self._recorders:

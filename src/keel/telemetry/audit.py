@@ -21,7 +21,7 @@ from keel.db.tables import audit_requests, usage_ledger
 from keel.db.writer import WriteQueue
 from keel.errors import KeelError
 from keel.llm import Attempt, ChatRequest
-from keel.pipeline import CallOutcome
+from keel.pipeline import CallOutcome, ChatCall
 from keel.telemetry.metrics import Metrics
 from keel.telemetry.redact import Redactor, hash_end_user, redacted_audit_row
 
@@ -107,7 +107,7 @@ class AuditRecorder:
             "trace_id": outcome.trace_id,
             "tenant_id": call.tenant_id,
             "end_user": end_user,
-            "conversation_id": call.conversation_id,
+            "conversation_id": call.conversation_id or call.summary_of,
             "prompt": call.prompt or {},
             "model_requested": call.request.model,
             "model_answered": model if error is None else sent.trace.answered_by,
@@ -129,8 +129,16 @@ class AuditRecorder:
             else None,
             "stages": outcome.stages,
             "replay_of": call.replay_of,
+            "context": _context_json(call),
             "created_at": created,
         }
+
+
+def _context_json(call: ChatCall) -> dict[str, Any] | None:
+    """The context decision (which stored messages were sent, which summary), and what kind of call."""
+    if call.context is None:
+        return {"kind": call.kind} if call.kind != "chat" else None
+    return {"kind": call.kind, **call.context.as_json()}
 
 
 def upstream_request(sent: ChatRequest, *, include_messages: bool = True) -> dict[str, Any]:

@@ -152,4 +152,5 @@ def record_json(row: Row[Any]) -> dict[str, Any]:
         "ttft_ms": row.ttft_ms,
         "stages": row.stages,
         "replay_of": row.replay_of,
+        "context": row.context,  # the context decision: message ids sent, summary, tokens; or the call's kind
     }

@@ -73,6 +73,12 @@ class Metrics:
         self.llm_fallbacks = Counter(
             "keel_llm_fallbacks_total", "Fallbacks.", ["from_model", "to_model"], registry=r
         )
+        self.context_overflows = Counter(
+            "keel_context_overflow_total",
+            "Upstream context-length errors (each moves to a larger fallback, if any); rare with trimming.",
+            ["model"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "keel_circuit_breaker_state", "0 closed, 1 half-open, 2 open.", ["deployment"], registry=r
         )
@@ -110,6 +116,8 @@ class Metrics:
     def attempt_finished(self, attempt: Attempt) -> None:
         outcome = "success" if attempt.error_type is None else attempt.error_type
         self._llm_requests(attempt.model, attempt.provider, outcome).inc()
+        if outcome == "context_length":
+            self.context_overflows.labels(attempt.model).inc()
         self._llm_duration(attempt.model, attempt.provider).observe(attempt.latency)
         if attempt.first_token is not None:
             self._llm_ttft(attempt.model, attempt.provider).observe(attempt.first_token)

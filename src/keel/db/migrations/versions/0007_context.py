@@ -23,6 +23,11 @@ def upgrade() -> None:
         "conversations",
         sa.Column("metadata", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     )
+    op.add_column("conversations", sa.Column("turns", sa.BigInteger, nullable=False, server_default="0"))
+    op.execute(
+        "UPDATE conversations c SET turns = (SELECT count(*) FROM conversation_messages m "
+        "WHERE m.tenant_id = c.tenant_id AND m.conversation_id = c.id AND m.role = 'user')"
+    )
     op.create_index("conversations_tenant_updated_idx", "conversations", ["tenant_id", "updated_at", "id"])
     op.add_column("conversation_messages", sa.Column("tokens", sa.Integer))
     op.add_column("conversation_messages", sa.Column("tokenizer", sa.Text))
@@ -70,6 +75,7 @@ def downgrade() -> None:
     op.drop_column("conversation_messages", "tokenizer")
     op.drop_column("conversation_messages", "tokens")
     op.drop_index("conversations_tenant_updated_idx", table_name="conversations")
+    op.drop_column("conversations", "turns")
     op.drop_column("conversations", "metadata")
     op.drop_column("conversations", "title")
     op.drop_column("conversations", "end_user")
