@@ -19,7 +19,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from keel import __version__
-from keel.context import ConversationStore
+from keel.context import ConversationCatalog
+from keel.context.setup import start_context
+from keel.costs.setup import start_costs
 from keel.db import Database, WriteQueue
 from keel.gateway import Components, GatewayMiddleware
 from keel.gateway import errors as error_handlers
@@ -28,6 +30,8 @@ from keel.gateway.auth import Authenticator
 from keel.gateway.chat.openapi import install_openapi
 from keel.gateway.chat.router import chat_route
 from keel.gateway.chat.service import ChatService
+from keel.gateway.conversations_routes import router as conversations_router
+from keel.gateway.costs_routes import router as costs_router
 from keel.gateway.prompts_routes import router as prompts_router
 from keel.gateway.routes import metrics as metrics_route
 from keel.gateway.routes import router as small_routes
@@ -72,8 +76,10 @@ def create_app(settings: Settings) -> GatewayMiddleware:
     app.router.routes.append(chat)  # served by GatewayMiddleware as a hot route; here for its 405
     install_openapi(app)  # FastAPI cannot see the hot route: /openapi.json gets it from here
     app.include_router(small_routes)
+    app.include_router(conversations_router)
     app.include_router(audit_router)
     app.include_router(prompts_router)
+    app.include_router(costs_router)
     if settings.metrics_enabled and settings.metrics_port is None:
         app.add_api_route("/metrics", metrics_route, methods=["GET"], include_in_schema=False)
     if cors:
@@ -93,7 +99,7 @@ def _cors(settings: Settings) -> dict[str, Any] | None:
         return None
     return {
         "allow_origins": settings.cors_origins,
-        "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
+        "allow_methods": ["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
         "allow_headers": ["*"],
         "expose_headers": [
             "x-request-id",
@@ -103,6 +109,7 @@ def _cors(settings: Settings) -> dict[str, Any] | None:
             "x-keel-model",
             "x-keel-attempts",
             "x-keel-fallback",
+            "x-keel-cost-usd",
         ],
     }
 
@@ -188,8 +195,9 @@ async def build_components(
     authenticator.start()
     stack.push_async_callback(authenticator.aclose)
 
-    conversations = ConversationStore(engine, writes)
-    stack.push_async_callback(conversations.drain)  # runs before writes.close (LIFO)
+    costs = await start_costs(settings, stack, engine, writes, client, telemetry.metrics, serving=serving)
+    context = await start_context(settings, stack, engine, writes, serving=serving)
+    conversations = context.conversations
     audit = AuditRecorder(
         writes,
         telemetry.metrics,
@@ -203,9 +211,14 @@ async def build_components(
         stack.push_async_callback(prompts.aclose)
     pipeline = ChatPipeline(
         models,
-        conversations,
+        context.manager,
         prompts=prompts.resolver,
-        recorders=[ConversationRecorder(conversations), audit],
+        recorders=[
+            ConversationRecorder(context.manager),
+            audit,
+            context.factors,
+            *([costs.recorder] if costs else []),
+        ],
         tracer=tracer,
         trace_content=settings.trace_content,
         observer=telemetry.metrics,
@@ -215,15 +228,34 @@ async def build_components(
             if config.max_output_tokens is not None
         },
     )
+    context.bind(
+        lambda tenant_id, conversation_id, messages, prompt, alias, request_id: pipeline.summary(
+            tenant_id,
+            conversation_id,
+            messages,
+            prompt,
+            alias,
+            request_id,
+            settings.context.summary_max_tokens,
+        )
+    )
     store = AuditStore(engine)
     if serving:
         pruner = asyncio.create_task(_prune_forever(store, settings.audit_retention_days))
         stack.callback(pruner.cancel)
     return Components(
         authenticator=authenticator,
-        chat=ChatService(pipeline, limiter, settings, tracer=tracer, metrics=telemetry.metrics),
+        chat=ChatService(
+            pipeline,
+            limiter,
+            settings,
+            tracer=tracer,
+            metrics=telemetry.metrics,
+            costs=costs.tracker if costs else None,
+        ),
         models=models,
         conversations=conversations,
+        catalog=ConversationCatalog(engine, writes),
         tenants=tenants,
         audit=store,
         replayer=Replayer(store, pipeline),
@@ -234,6 +266,8 @@ async def build_components(
         feedback=prompts.feedback,
         limiter=limiter,  # every other route takes one request from it (gateway.deps)
         tiers=settings.tiers,
+        costs=costs.tracker if costs else None,
+        reports=costs.reports if costs else None,
     )
 
 

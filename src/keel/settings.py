@@ -131,6 +131,28 @@ class DeploymentConfig(BaseModel):
     max_concurrent: int | None = Field(default=None, gt=0)
 
 
+class PriceConfig(BaseModel):
+    """What an alias costs, in USD per million tokens (`price = {input = 2.5, output = 10.0}` in keel.toml).
+    Overrides the genai-prices package; a tenant's own price (keel.costs) overrides this."""
+
+    input: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)  # prompt tokens read from a cache; None: input
+    output: float = Field(ge=0)
+
+
+class CostSettings(BaseModel):
+    """Prices, the cost ledger and budgets (keel.costs, docs/costs.md)."""
+
+    enabled: bool = True
+    refresh_seconds: float = Field(default=0.5, gt=0)  # how often a replica looks for budget/price changes
+    lease_seconds: float = Field(default=900.0, gt=0)  # an unsettled budget reservation is freed after this
+    estimate_max_output_tokens: int = Field(default=4096, gt=0)  # reply tokens a budget reserves at most
+    webhook_url: str | None = None  # soft budget thresholds are POSTed here, signed with webhook_secret
+    webhook_secret: SecretStr | None = None
+    webhook_attempts: int = Field(default=5, ge=1)
+    webhook_backoff_seconds: float = Field(default=1.0, ge=0)  # full jitter: uniform(0, backoff * 2**n)
+
+
 class ModelConfig(BaseModel):
     """One model alias, as written under `[models.NAME]` in keel.toml."""
 
@@ -152,6 +174,7 @@ class ModelConfig(BaseModel):
     deployments: list[DeploymentConfig] = Field(default_factory=list)  # none: the alias's own endpoint
     retry: RetryConfig = Field(default_factory=RetryConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    price: PriceConfig | None = None  # None: the genai-prices package (the local model: free)
 
     def upstream_base_url(self) -> str:
         return (self.base_url or DEFAULT_BASE_URLS.get(self.provider, "")).rstrip("/")
@@ -191,6 +214,21 @@ class LocalModelSettings(BaseModel):
     max_output_tokens: int = Field(default=256, gt=0)
     start_timeout: float = Field(default=120.0, gt=0)  # seconds for the worker to load the model
     restart_backoff_max: float = Field(default=30.0, gt=0)  # longest wait between restarts of a dead worker
+
+
+class ContextSettings(BaseModel):
+    """The context manager: what of a conversation goes upstream (see docs/context.md)."""
+
+    # summarize: trim to the window and fold dropped turns into a rolling summary; trim: trim only;
+    # none: send the whole history (the upstream's context-length error drives the fallback chain)
+    strategy: Literal["summarize", "trim", "none"] = "summarize"
+    margin_tokens: int = Field(default=64, ge=0)  # kept free besides the answer's reserve
+    summary_model: str = "local"  # the alias that writes summaries
+    summary_threshold: float = Field(default=0.8, gt=0, le=1)  # budget share used that starts a summary
+    summary_keep: float = Field(default=0.5, gt=0, lt=1)  # budget share of newest turns left unsummarized
+    summary_max_tokens: int = Field(default=256, gt=0)
+    summary_workers: int = Field(default=1, ge=1)  # summaries written at once per process
+    summary_queue: int = Field(default=1_000, ge=1)  # conversations waiting for one; beyond it: skipped
 
 
 class PromptSettings(BaseModel):
@@ -324,7 +362,9 @@ class Settings(BaseSettings):
     default_model: str = "local"
     local: LocalModelSettings = Field(default_factory=LocalModelSettings)
     prompts: PromptSettings = Field(default_factory=PromptSettings)
+    context: ContextSettings = Field(default_factory=ContextSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    costs: CostSettings = Field(default_factory=CostSettings)
 
     # Observability: traces, metrics, the audit record of every model call.
     otlp_endpoint: str | None = None  # e.g. http://collector:4318; spans go to {endpoint}/v1/traces
@@ -372,6 +412,8 @@ class Settings(BaseSettings):
     def _check_references(self) -> Settings:
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not a configured model alias")
+        if self.context.summary_model not in self.models:
+            raise ValueError(f"context.summary_model {self.context.summary_model!r} is not a model alias")
         for alias, config in self.models.items():
             for name in config.fallbacks:
                 if name not in self.models:

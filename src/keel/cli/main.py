@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keel.cli import audit, chat, data, prompts, serve
+from keel.cli import audit, chat, conversations, costs, data, prompts, serve
 
 app = typer.Typer(
     name="keel",
@@ -21,6 +21,9 @@ app.add_typer(data.keys_app, name="keys")
 app.add_typer(audit.audit_app, name="audit")
 app.command("replay")(audit.replay)
 app.add_typer(prompts.prompts_app, name="prompts")
+app.add_typer(conversations.conversations_app, name="conversations")
+app.add_typer(costs.costs_app, name="costs")
+app.add_typer(costs.budgets_app, name="budgets")
 
 
 def main() -> None:

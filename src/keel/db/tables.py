@@ -69,6 +69,7 @@ conversations = Table(
     Column("end_user", Text),
     Column("title", Text),
     Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("turns", BigInteger, nullable=False, server_default="0"),  # user messages stored, ever
     Index("conversations_tenant_updated_idx", "tenant_id", "updated_at", "id"),
 )
 

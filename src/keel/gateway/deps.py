@@ -8,7 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from keel.context import ConversationStore
+from keel.context import ConversationCatalog, ConversationStore
+from keel.costs import CostTracker, UsageReports
 from keel.db import WriteQueue
 from keel.gateway.auth import Authenticator, require_scope
 from keel.gateway.chat.service import ChatService
@@ -30,6 +31,7 @@ class Components:
     chat: ChatService
     models: ModelRegistry
     conversations: ConversationStore
+    catalog: ConversationCatalog  # conversations as a product API: list, read, update, delete, export
     tenants: TenantService
     audit: AuditStore
     replayer: Replayer
@@ -40,6 +42,8 @@ class Components:
     feedback: FeedbackStore
     limiter: RateLimiter | None = None  # the chat route's, through ChatService; None: limits are off
     tiers: Mapping[str, TierLimits] | None = None
+    costs: CostTracker | None = None  # prices, budgets (keel.costs); None: cost tracking is off
+    reports: UsageReports | None = None
 
 
 def _components(request: Request) -> Components:

@@ -1,4 +1,4 @@
-"""The small routes: models, conversations, keys (admin), health."""
+"""The small routes: models, keys (admin), health."""
 
 from __future__ import annotations
 
@@ -52,22 +52,6 @@ async def list_models(principal: PrincipalDep, keel: ComponentsDep) -> dict[str,
             for m in keel.models.info()
             if principal.allows(m.alias)  # only the aliases this key may call
         ],
-    }
-
-
-@router.get("/v1/conversations/{conversation_id}")
-async def get_conversation(
-    conversation_id: str, principal: PrincipalDep, keel: ComponentsDep
-) -> dict[str, Any]:
-    found = await keel.conversations.get(principal.tenant_id, conversation_id)
-    if found is None:  # another tenant's conversation is indistinguishable from a missing one
-        raise NotFoundError(f"No conversation {conversation_id!r}.", param="conversation_id")
-    return {
-        "id": found.id,
-        "object": "conversation",
-        "created_at": int(found.created_at.timestamp()),
-        "updated_at": int(found.updated_at.timestamp()),
-        "messages": found.messages,
     }
 
 

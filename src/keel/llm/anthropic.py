@@ -84,7 +84,7 @@ class AnthropicChatModel:
         return body  # seed has no Anthropic counterpart and is dropped
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
-        input_tokens = output_tokens = 0
+        input_tokens = output_tokens = cached_tokens = 0
         stop_reason: str | None = None
         tools: dict[int, int] = {}  # content block index -> tool call index
         tools_with_arguments: set[int] = set()
@@ -129,6 +129,7 @@ class AnthropicChatModel:
                 elif kind == "message_start":
                     counts = (data.get("message") or {}).get("usage") or {}
                     input_tokens = _input_tokens(counts)
+                    cached_tokens = counts.get("cache_read_input_tokens") or 0
                     output_tokens = counts.get("output_tokens") or 0
                 elif kind == "message_delta":
                     stop_reason = (data.get("delta") or {}).get("stop_reason") or stop_reason
@@ -137,12 +138,13 @@ class AnthropicChatModel:
                         output_tokens = counts["output_tokens"]
                     if counts.get("input_tokens") is not None:
                         input_tokens = _input_tokens(counts)
+                        cached_tokens = counts.get("cache_read_input_tokens") or 0
                 elif kind == "error":
                     raise self._stream_error(data.get("error"))
                 # ping, content_block_stop of text, message_stop: nothing to pass on
         if stop_reason is None:
             raise self._error("the stream ended without a stop_reason")
-        yield Usage(input_tokens, output_tokens)
+        yield Usage(input_tokens, output_tokens, cached_tokens)
         yield Finish(_FINISH_REASONS.get(stop_reason, "stop"))
 
     def _decode(self, data: str) -> Any:

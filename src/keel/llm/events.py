@@ -27,8 +27,9 @@ class ToolCallDelta:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    input_tokens: int
+    input_tokens: int  # every prompt token, cached ones included
     output_tokens: int
+    cached_input_tokens: int = 0  # of input_tokens, read from the provider's prompt cache (priced lower)
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,7 +111,12 @@ class OpenAIChatModel:
                         finish = choice["finish_reason"]
                 counts = chunk.get("usage")
                 if counts:
-                    usage = Usage(counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0)
+                    details = counts.get("prompt_tokens_details") or {}
+                    usage = Usage(
+                        counts.get("prompt_tokens") or 0,
+                        counts.get("completion_tokens") or 0,
+                        details.get("cached_tokens") or 0,
+                    )
         if finish is None:
             raise self._error("the stream ended without a finish_reason")
         if usage is not None:

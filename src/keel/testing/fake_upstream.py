@@ -63,6 +63,7 @@ class Reply:
     finish_reason: str | None = None  # default "stop", or "tool_calls" when there are tool calls
     input_tokens: int | None = None  # default: about one token per four bytes of request body
     output_tokens: int | None = None  # default: about one token per four characters of output
+    cached_input_tokens: int = 0  # of the input tokens, reported as read from the prompt cache
     status: int = 200  # anything else answers an error body in the route's wire format
     error_message: str | None = None
     error_type: str | None = None  # for error bodies and `stream_error`; default from the status
@@ -420,13 +421,16 @@ def _openai_tool_calls(reply: Reply) -> list[dict[str, Any]]:
     ]
 
 
-def _openai_usage(reply: Reply, input_tokens: int) -> dict[str, int]:
+def _openai_usage(reply: Reply, input_tokens: int) -> dict[str, Any]:
     output_tokens = reply.output_token_count()
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": input_tokens,
         "completion_tokens": output_tokens,
         "total_tokens": input_tokens + output_tokens,
     }
+    if reply.cached_input_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": reply.cached_input_tokens}
+    return usage
 
 
 def _openai_body(reply: Reply, request: dict[str, Any], input_tokens: int) -> dict[str, Any]:
@@ -516,8 +520,17 @@ def _anthropic_body(reply: Reply, request: dict[str, Any], input_tokens: int) ->
         "content": content + _anthropic_tool_uses(reply),
         "stop_reason": _STOP_REASONS.get(stop, stop),
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": reply.output_token_count()},
+        "usage": _anthropic_usage(reply, input_tokens) | {"output_tokens": reply.output_token_count()},
     }
+
+
+def _anthropic_usage(reply: Reply, input_tokens: int) -> dict[str, int]:
+    """Anthropic counts cache reads apart from `input_tokens`."""
+    cached = min(reply.cached_input_tokens, input_tokens)
+    usage = {"input_tokens": input_tokens - cached}
+    if cached:
+        usage["cache_read_input_tokens"] = cached
+    return usage
 
 
 def _event(name: bytes, payload: dict[str, Any]) -> bytes:
@@ -529,7 +542,7 @@ _PING = _event(b"ping", {"type": "ping"})
 
 def _anthropic_stream(reply: Reply, request: dict[str, Any], input_tokens: int) -> list[bytes]:
     message = _anthropic_body(reply, request, input_tokens)
-    usage = {"input_tokens": input_tokens, "output_tokens": 1}
+    usage = _anthropic_usage(reply, input_tokens) | {"output_tokens": 1}
     start = message | {"content": [], "stop_reason": None, "usage": usage}
     pieces = [_event(b"message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(message["content"]):

@@ -122,6 +122,12 @@ class PromptReference(_Strict):
     variables: dict[VariableName, Any] | None = Field(default=None, max_length=MAX_PROMPT_VARIABLES)
 
 
+class ContextOptions(_Strict):
+    """`{"strategy": "summarize" | "trim" | "none"}`: how a conversation's history is fitted."""
+
+    strategy: Literal["summarize", "trim", "none"] | None = None
+
+
 class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)  # the default model when absent
@@ -141,6 +147,8 @@ class ChatCompletionRequest(_Strict):
     conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
     # Keel's extension: a registry prompt rendered before the messages (or header X-Keel-Prompt).
     prompt: PromptReference | None = None
+    # Keel's extension: how a conversation's history is fitted to the model's window.
+    context: ContextOptions | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -202,6 +210,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"]
     system_fingerprint: None = None
     usage: CompletionUsage
+    cost: float | None = Field(default=None, description="Keel: what the call cost in USD (keel.costs).")
 
 
 class ChunkFunction(BaseModel):
@@ -246,6 +255,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"]
     system_fingerprint: None = None
     usage: CompletionUsage | None = None
+    cost: float | None = Field(default=None, description="Keel: the call's cost in USD, with the usage.")
 
 
 class ErrorDetail(BaseModel):

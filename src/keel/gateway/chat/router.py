@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -117,6 +118,10 @@ class ChatCompletions:
             writer = ChunkWriter(completion_id, created, opened.model, include_usage)
             await send({"type": "http.response.start", "status": 200, "headers": _SSE + raw_headers})
             last = await stream(opened, writer, send)
+            try:
+                await opened.commit_turn()  # a conversation's reply is stored before [DONE]
+            except KeelError as exc:
+                last = _event(exc.envelope())
             watch.stop()  # a finished response reads as a disconnect
             await send({"type": "http.response.body", "body": last})
             return
@@ -125,8 +130,14 @@ class ChatCompletions:
             result.add(event)
             if isinstance(event, Finish):
                 break  # the answer is complete: send it before the pipeline records it
+        await opened.commit_turn()  # a conversation's reply is stored before the body goes out
         watch.stop()
-        payload = orjson.dumps(completion_json(completion_id, created, opened.model, result))
+        answer = completion_json(completion_id, created, opened.model, result)
+        cost = opened.cost(result.usage)
+        if cost is not None:  # what the call cost, beside its usage (keel.costs)
+            answer["cost"] = cost.usd
+            raw_headers.append((b"x-keel-cost-usd", f"{cost.usd:.6f}".encode()))
+        payload = orjson.dumps(answer)
         raw_headers += [_JSON, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
@@ -215,7 +226,7 @@ async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
                 chunk = writer.delta({"tool_calls": [call]})
             elif isinstance(event, Finish):
                 last = _event(writer.delta({}, finish_reason=event.reason))
-                final = writer.usage(usage)
+                final = _with_cost(writer.usage(usage), opened, usage)
                 return last + (_event(final) if final is not None else b"") + _DONE
             else:
                 usage = event
@@ -236,8 +247,19 @@ async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
                 }
             }
         )
-    final = writer.usage(usage)  # no Finish: a provider that ended its stream without one
+    final = _with_cost(writer.usage(usage), opened, usage)  # no Finish: a stream ended without one
     return (_event(final) if final is not None else b"") + _DONE
+
+
+def _with_cost(
+    chunk: dict[str, Any] | None, opened: OpenedChat, usage: Usage | None
+) -> dict[str, Any] | None:
+    """The usage chunk with the call's `cost` in USD beside `usage` (keel.costs)."""
+    if chunk is not None:
+        cost = opened.cost(usage)
+        if cost is not None:
+            chunk["cost"] = cost.usd
+    return chunk
 
 
 def _event(payload: object) -> bytes:

@@ -8,17 +8,19 @@ pipeline reports (or estimates, when none arrived) and always released.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from opentelemetry.trace import NoOpTracer, Tracer
 
-from keel.errors import InvalidRequestError, RateLimitError
+from keel.costs import Cost, CostTracker, Spend
+from keel.errors import InvalidRequestError, OverloadedError, RateLimitError
 from keel.gateway.chat.protocol import ChatCompletionRequest
-from keel.llm import CallTrace, ChatEvent, ChatRequest, ChatResult
+from keel.llm import CallTrace, ChatEvent, ChatRequest, ChatResult, Usage
 from keel.pipeline import ChatCall, ChatPipeline
 from keel.prompts.reference import prompt_reference
 from keel.ratelimit import Lease, RateLimiter, prompt_tokens
@@ -26,6 +28,8 @@ from keel.settings import Settings
 from keel.telemetry.metrics import Metrics
 from keel.telemetry.tracing import stage
 from keel.tenants import Principal
+
+log = logging.getLogger(__name__)
 
 _SANE_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -49,11 +53,15 @@ class OpenedChat:
         headers: dict[str, str],
         model: str,
         conversation_id: str | None,
+        spend: Spend | None = None,
+        commit: Callable[[ChatCall], Awaitable[None]] | None = None,
     ) -> None:
         self._first: ChatEvent | None = first
+        self._commit = commit
         self._rest = rest
         self._lease = lease
         self._call = call
+        self._spend = spend
         self._closed = False
         self.headers = headers
         self.model = model
@@ -70,6 +78,27 @@ class OpenedChat:
         self._first = None
         return event
 
+    def cost(self, usage: Usage | None) -> Cost | None:
+        """What the answer cost (X-Keel-Cost-USD, the `cost` field); None without usage or cost tracking."""
+        if self._spend is None:
+            return None
+        trace = self._call.request.trace
+        return self._spend.cost_of(self.model, trace.upstream_model, usage)
+
+    async def commit_turn(self) -> None:
+        """A conversation turn's reply, committed before the answer's last byte (nothing acknowledged is
+        lost, and the next turn sees it on any replica)."""
+        if self._commit is None or self._call.conversation_id is None:
+            return
+        try:
+            await self._commit(self._call)
+        except Exception as exc:  # the answer is not acknowledged: the client hears it failed
+            log.exception("conversation %s: the reply could not be stored", self._call.conversation_id)
+            raise OverloadedError(
+                "The answer could not be stored in its conversation; try the turn again.",
+                code="conversation_write_failed",
+            ) from exc
+
     async def finish(self) -> None:
         try:
             async for _ in self:
@@ -84,8 +113,12 @@ class OpenedChat:
         try:
             await self._rest.aclose()  # runs the pipeline's record stage, which fills call.usage
         finally:
-            if self._lease is not None:
-                await self._lease.end(used_tokens(self._call))
+            try:
+                if self._lease is not None:
+                    await self._lease.end(used_tokens(self._call))
+            finally:
+                if self._spend is not None:  # the ledger recorder has told it the cost
+                    await self._spend.settle()
 
 
 class ChatService:
@@ -97,9 +130,11 @@ class ChatService:
         *,
         tracer: Tracer | None = None,
         metrics: Metrics | None = None,
+        costs: CostTracker | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._limiter = limiter
+        self._costs = costs
         self._tracer = tracer or NoOpTracer()
         self._metrics = metrics
         self._tiers = settings.tiers
@@ -149,8 +184,14 @@ class ChatService:
         prompt = prompt_reference(body.prompt.model_dump() if body.prompt else None, prompt_header)
         request.trace.deadline = self._deadline(request.model, timeout_header)
         headers: dict[str, str] = {}
+        spend = await self._spend(principal, request, request_id)  # budgets: refused before any upstream
         if lease is not None:
-            await self._reserve(principal, lease, request)
+            try:
+                await self._reserve(principal, lease, request)
+            except BaseException:
+                if spend is not None:
+                    await spend.settle()  # frees its budget reservation
+                raise
             headers = lease.state.headers()
         call = ChatCall(
             request_id,
@@ -163,6 +204,7 @@ class ChatService:
             model_named=body.model is not None,
             client_request_id=client_request_id,
             check_model=principal.require_model,
+            context_strategy=body.context.strategy if body.context is not None else None,
         )
         events = self._pipeline.stream(call)
         try:
@@ -171,17 +213,27 @@ class ChatService:
             try:
                 await events.aclose()
             finally:
-                if lease is not None:  # the pipeline charged what the upstream had (a timeout), or 0
-                    await lease.end(used_tokens(call))
+                try:
+                    if lease is not None:  # the pipeline charged what the upstream had (a timeout), or 0
+                        await lease.end(used_tokens(call))
+                finally:
+                    if spend is not None:
+                        await spend.settle()
             raise
         answered = request.trace.answered_by or request.model
         headers |= model_headers(request.trace, answered)
-        return OpenedChat(first, events, lease, call, headers, answered, conversation_id)
+        if call.context is not None:  # a conversation turn: what of its history was sent
+            headers |= call.context.headers()
+        return OpenedChat(
+            first, events, lease, call, headers, answered, conversation_id, spend, self._pipeline.commit_turn
+        )
 
     async def collect(self, principal: Principal, call: ChatCall, lease: Lease | None) -> ChatResult:
         """A call built elsewhere (a replay), under the same limits as a chat completion: `lease` from
         `admit`, its estimate reserved here; settled with what the call used and released at the end."""
+        spend: Spend | None = None
         try:
+            spend = await self._spend(principal, call.request, call.request_id)
             if lease is not None:
                 await self._reserve(principal, lease, call.request)
             result = ChatResult()
@@ -193,8 +245,21 @@ class ChatService:
                 await events.aclose()
             return result
         finally:
-            if lease is not None:
-                await lease.end(used_tokens(call))
+            try:
+                if lease is not None:
+                    await lease.end(used_tokens(call))
+            finally:
+                if spend is not None:
+                    await spend.settle()
+
+    async def _spend(self, principal: Principal, request: ChatRequest, request_id: str) -> Spend | None:
+        """The request's cost tracking; with budgets, its estimate reserved (or a 429 insufficient_quota)."""
+        if self._costs is None:
+            return None
+        if not self._costs.has_budgets(principal.tenant_id):
+            return await self._costs.open(principal, request, request_id)  # no I/O
+        with stage(self._tracer, "budget"):
+            return await self._costs.open(principal, request, request_id)
 
     async def _reserve(self, principal: Principal, lease: Lease, request: ChatRequest) -> None:
         with stage(self._tracer, "rate_limit.tokens"):
