@@ -229,6 +229,7 @@ class ContextSettings(BaseModel):
     summary_max_tokens: int = Field(default=256, gt=0)
     summary_workers: int = Field(default=1, ge=1)  # summaries written at once per process
     summary_queue: int = Field(default=1_000, ge=1)  # conversations waiting for one; beyond it: skipped
+    retrieval_share: float = Field(default=0.5, gt=0, le=1)  # of the input budget: retrieved chunks at most
 
 
 class PromptSettings(BaseModel):

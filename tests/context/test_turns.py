@@ -210,3 +210,34 @@ def test_a_stored_reply_carries_its_token_count(
     assert [r.role for r in stored] == ["user", "assistant"]
     assert all(r.tokens and r.tokens > 3 for r in stored)
     assert {r.tokenizer for r in stored} == {"estimate:o200k_base"}
+
+
+def test_a_prompt_version_may_lower_the_window(
+    small_keel: KeelServer, make_tenant: Callable[..., Any], fake: FakeUpstream
+) -> None:
+    tenant = make_tenant()
+    name = f"narrow-{uuid.uuid4().hex[:8]}"
+    pushed = httpx.post(
+        f"{small_keel.base_url}/prompts",
+        json={
+            "name": name,
+            "template": "Be brief.",
+            "model": {"context_window": 300},
+            "labels": ["production"],
+        },
+        headers={"Authorization": f"Bearer {tenant.admin_key}"},
+        timeout=30,
+    )
+    assert pushed.status_code in (200, 201), pushed.text
+    fake.default_reply = Reply(text="Noted.")
+    narrow, wide = f"narrow-{uuid.uuid4().hex[:8]}", f"wide-{uuid.uuid4().hex[:8]}"
+    budget = 300 - ANSWER - ContextSettings().margin_tokens  # the prompt's window, not the alias's 400
+    for turn in range(12):
+        text = f"Fact number {turn}: " + "tea " * 12
+        lowered = _turn(small_keel, tenant.chat_key, narrow, text, prompt={"name": name})
+        assert lowered.status_code == 200, lowered.text
+        assert int(lowered.headers["x-keel-context-tokens"]) <= budget
+        plain = _turn(small_keel, tenant.chat_key, wide, text)
+        assert plain.status_code == 200, plain.text
+    assert int(lowered.headers["x-keel-context-dropped"]) > int(plain.headers["x-keel-context-dropped"])
+    assert int(plain.headers["x-keel-context-tokens"]) > budget  # the alias's own window holds more

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 Message = dict[str, Any]
 Strategy = Literal["summarize", "trim", "none"]
 LEADING = ("system", "developer")
+_EMPTY_USER: Message = {"role": "user", "content": ""}
 
 
 class CounterSource(Protocol):
@@ -113,10 +114,27 @@ class ContextManager:
 
     def budget(self, request: ChatRequest) -> int | None:
         window = self._windows.get(request.model)
+        if request.context_window is not None:  # a prompt version's lower window
+            window = min(window, request.context_window) if window is not None else request.context_window
         if window is None:
             return None
         reserve = request.max_tokens or self._caps.get(request.model) or self._default_reserve
         return max(0, window - reserve - self._settings.margin_tokens)
+
+    def fit_retrieved(self, request: ChatRequest, texts: list[str]) -> int:
+        """How many of the retrieved chunks (best first) fit the share of the budget they may take; all of
+        them when the alias's window is unknown."""
+        budget = self.budget(request)
+        if budget is None:
+            return len(texts)
+        counter = self._counters.for_alias(request.model)
+        share = int(budget * self._settings.retrieval_share / _scale(counter))
+        used = 0
+        for i, text in enumerate(texts):
+            used += counter.count_message({"role": "system", "content": text})
+            if used > share:
+                return i
+        return len(texts)
 
     async def load(
         self,
@@ -157,7 +175,11 @@ class ContextManager:
         if history.summary is not None:
             fixed.append(summary_message(history.summary.text))
         fixed += retrieved
-        fixed_tokens = counter.count_messages(fixed)
+        if fixed:
+            fixed_tokens = counter.count_messages(fixed)
+        else:  # the history's first user message opens the conversation: the template's start (a
+            # default system prompt, SmolLM2's) and the reply priming, without the message itself
+            fixed_tokens = counter.count_messages([_EMPTY_USER]) - counter.count_message(_EMPTY_USER)
         budget = self.budget(request) if strategy != "none" else None
         scale = _scale(counter)
         if budget is None:

@@ -60,6 +60,8 @@ class ChatRequest:
     user: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    # a window lower than the alias's, set by the prompt version: the context manager fits history to it
+    context_window: int | None = None
     trace: CallTrace = field(default_factory=CallTrace)  # shared by the copies wrappers make
 
 

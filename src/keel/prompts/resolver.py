@@ -10,7 +10,7 @@ import uuid
 from typing import Any, Protocol
 
 from keel.errors import NotFoundError
-from keel.pipeline import NO_PROMPT, ChatCall, ResolvedPrompt
+from keel.pipeline import NO_PROMPT, ChatCall, FileSearch, ResolvedPrompt
 from keel.prompts.cache import PromptCache
 from keel.prompts.experiments import Experiment
 from keel.prompts.spec import PRODUCTION
@@ -60,6 +60,7 @@ class RegistryResolver:
             messages=messages,
             model=compiled.alias,
             defaults=compiled.defaults,
+            retrieval=FileSearch.parse(compiled.retrieval),
             info={
                 "name": name,
                 "version": version,

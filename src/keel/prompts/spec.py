@@ -20,7 +20,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9._\-]{0,62}$")  # never all digits: `name@3` is a version
 LATEST = "latest"  # always the newest version; nobody moves it
 PRODUCTION = "production"  # what a request gets when it names neither label nor version
-SAMPLING = ("temperature", "max_tokens", "top_p", "stop", "seed")  # ChatRequest fields a version sets
+# ChatRequest fields a version sets
+SAMPLING = ("temperature", "max_tokens", "top_p", "stop", "seed", "context_window")
 MAX_TEMPLATE_CHARS = 100_000  # a version's template text, all messages together
 MAX_NUMBER = 2**53  # a number variable's magnitude: JSON's exact integers, no `"-" * 10**18`
 
@@ -61,9 +62,18 @@ class ModelSettings(_Strict):
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: list[str] | None = Field(default=None, max_length=4)
     seed: int | None = None
+    # lowers the alias's context window for this prompt (history trimmed sooner: cheaper, faster turns)
+    context_window: int | None = Field(default=None, ge=256)
 
     def canonical(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+class RetrievalSettings(_Strict):
+    """`retrieval:` a knowledge base the version searches on every turn (unless the request names one)."""
+
+    vector_store_ids: list[str] = Field(min_length=1, max_length=16)
+    max_num_results: int = Field(default=5, ge=1, le=50)
 
 
 class MessageTemplate(_Strict):
@@ -79,6 +89,7 @@ class PromptSpec(_Strict):
     tags: list[str] = Field(default_factory=list)
     variables: dict[str, Variable] = Field(default_factory=dict)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    retrieval: RetrievalSettings | None = None
     labels: list[str] = Field(default_factory=list)  # pointed at the pushed version afterwards
     template: str | None = Field(default=None, min_length=1)
     messages: list[MessageTemplate] | None = Field(default=None, min_length=1)
@@ -122,8 +133,15 @@ class PromptSpec(_Strict):
     def variables_json(self) -> dict[str, dict[str, Any]]:
         return {name: v.canonical() for name, v in sorted(self.variables.items())}
 
+    def config(self) -> dict[str, Any]:
+        """What a version stores as its config: the model settings, and `retrieval` when it has one."""
+        config = self.model.canonical()
+        if self.retrieval is not None:
+            config["retrieval"] = self.retrieval.model_dump()
+        return config
+
     def content_hash(self) -> str:
-        return content_hash(self.template_json(), self.variables_json(), self.model.canonical())
+        return content_hash(self.template_json(), self.variables_json(), self.config())
 
 
 def content_hash(template: Any, variables: dict[str, Any], config: dict[str, Any]) -> str:

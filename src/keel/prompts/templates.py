@@ -140,6 +140,7 @@ class CompiledVersion:
     alias: str | None
     defaults: dict[str, Any]
     size: int  # characters of template text: what the cache weighs it by
+    retrieval: dict[str, Any] | None = None  # the version's `retrieval:` (vector stores to search)
 
     @classmethod
     def build(
@@ -166,6 +167,7 @@ class CompiledVersion:
             alias=config.get("alias"),
             defaults={key: config[key] for key in SAMPLING if config.get(key) is not None},
             size=sum(len(source) for _, source in sources),
+            retrieval=config.get("retrieval"),
         )
 
     @classmethod

@@ -117,7 +117,8 @@ class AuditRecorder:
             "error": None if error is None else _describe(error),
             "attempts": [_attempt_json(a, outcome.started) for a in sent.trace.attempts],
             "request": request,
-            "retrieved": [{"id": c.id, "score": c.score, "source": c.source} for c in outcome.retrieved],
+            # what went into the context (after the token share), so a reader and replay see the sources
+            "retrieved": [c.source_json(i + 1) for i, c in enumerate(outcome.call.sources)],
             "reply": reply,
             "finish_reason": result.finish_reason if error is None else None,
             "input_tokens": result.usage.input_tokens if result.usage else 0,

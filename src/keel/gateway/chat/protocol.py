@@ -28,6 +28,7 @@ MAX_MODEL_CHARS = 256
 MAX_NAME_CHARS = 256  # a participant's name, a tool call's id
 MAX_FUNCTION_NAME_CHARS = 64  # OpenAI's limit
 MAX_PROMPT_VARIABLES = 64  # their names are kept in the audit record
+MAX_VECTOR_STORES = 16  # searched per turn by `file_search`
 MAX_VARIABLE_NAME_CHARS = 64
 
 
@@ -128,6 +129,15 @@ class ContextOptions(_Strict):
     strategy: Literal["summarize", "trim", "none"] | None = None
 
 
+class FileSearchOptions(_Strict):
+    """`{"vector_store_ids": [...], "max_num_results": N}`: knowledge bases searched for this turn."""
+
+    vector_store_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=MAX_VECTOR_STORES
+    )
+    max_num_results: int = Field(default=5, ge=1, le=50)
+
+
 class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)  # the default model when absent
@@ -149,6 +159,8 @@ class ChatCompletionRequest(_Strict):
     prompt: PromptReference | None = None
     # Keel's extension: how a conversation's history is fitted to the model's window.
     context: ContextOptions | None = None
+    # Keel's extension: search these vector stores and put the best chunks in the context, cited [n].
+    file_search: FileSearchOptions | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -199,6 +211,15 @@ class Choice(BaseModel):
     message: CompletionMessage
 
 
+class Source(BaseModel):
+    index: int = Field(description="The [n] the answer cites.")
+    file_id: str
+    filename: str
+    page: int | None
+    score: float
+    chunk_id: str
+
+
 class ChatCompletion(BaseModel):
     """The answer of a request with `"stream": false` (or none)."""
 
@@ -211,6 +232,9 @@ class ChatCompletion(BaseModel):
     system_fingerprint: None = None
     usage: CompletionUsage
     cost: float | None = Field(default=None, description="Keel: what the call cost in USD (keel.costs).")
+    sources: list[Source] | None = Field(
+        default=None, description="Keel: the retrieved chunks the context held, cited [n] (file_search)."
+    )
 
 
 class ChunkFunction(BaseModel):
@@ -256,6 +280,9 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: None = None
     usage: CompletionUsage | None = None
     cost: float | None = Field(default=None, description="Keel: the call's cost in USD, with the usage.")
+    sources: list[Source] | None = Field(
+        default=None, description="Keel: in one chunk with no choices before [DONE] (file_search)."
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -318,6 +345,12 @@ class ChunkWriter:
             **self._base,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def sources(self, sources: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {**self._base, "choices": [], "sources": sources}
         if self._include_usage:
             chunk["usage"] = None
         return chunk

@@ -133,6 +133,9 @@ class ChatCompletions:
         await opened.commit_turn()  # a conversation's reply is stored before the body goes out
         watch.stop()
         answer = completion_json(completion_id, created, opened.model, result)
+        sources = opened.sources()
+        if sources is not None:
+            answer["sources"] = sources
         cost = opened.cost(result.usage)
         if cost is not None:  # what the call cost, beside its usage (keel.costs)
             answer["cost"] = cost.usd
@@ -225,7 +228,7 @@ async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
                     call["function"] = {"name": event.name, "arguments": event.arguments}
                 chunk = writer.delta({"tool_calls": [call]})
             elif isinstance(event, Finish):
-                last = _event(writer.delta({}, finish_reason=event.reason))
+                last = _event(writer.delta({}, finish_reason=event.reason)) + _sources(writer, opened)
                 final = _with_cost(writer.usage(usage), opened, usage)
                 return last + (_event(final) if final is not None else b"") + _DONE
             else:
@@ -249,6 +252,12 @@ async def stream(opened: OpenedChat, writer: ChunkWriter, send: Send) -> bytes:
         )
     final = _with_cost(writer.usage(usage), opened, usage)  # no Finish: a stream ended without one
     return (_event(final) if final is not None else b"") + _DONE
+
+
+def _sources(writer: ChunkWriter, opened: OpenedChat) -> bytes:
+    """A chunk with no choices that carries the answer's `sources` (file_search only)."""
+    sources = opened.sources()
+    return b"" if sources is None else _event(writer.sources(sources))
 
 
 def _with_cost(

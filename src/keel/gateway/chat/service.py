@@ -21,7 +21,7 @@ from keel.costs import Cost, CostTracker, Spend
 from keel.errors import InvalidRequestError, OverloadedError, RateLimitError
 from keel.gateway.chat.protocol import ChatCompletionRequest
 from keel.llm import CallTrace, ChatEvent, ChatRequest, ChatResult, Usage
-from keel.pipeline import ChatCall, ChatPipeline
+from keel.pipeline import ChatCall, ChatPipeline, FileSearch
 from keel.prompts.reference import prompt_reference
 from keel.ratelimit import Lease, RateLimiter, prompt_tokens
 from keel.settings import Settings
@@ -77,6 +77,12 @@ class OpenedChat:
             return await anext(self._rest)
         self._first = None
         return event
+
+    def sources(self) -> list[dict[str, Any]] | None:
+        """The retrieved chunks the context held, as the answer's `sources` (None: no file_search)."""
+        if self._call.file_search is None:
+            return None
+        return [chunk.source_json(i + 1) for i, chunk in enumerate(self._call.sources)]
 
     def cost(self, usage: Usage | None) -> Cost | None:
         """What the answer cost (X-Keel-Cost-USD, the `cost` field); None without usage or cost tracking."""
@@ -205,6 +211,7 @@ class ChatService:
             client_request_id=client_request_id,
             check_model=principal.require_model,
             context_strategy=body.context.strategy if body.context is not None else None,
+            file_search=FileSearch.parse(body.file_search.model_dump()) if body.file_search else None,
         )
         events = self._pipeline.stream(call)
         try:
