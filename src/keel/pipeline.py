@@ -450,7 +450,7 @@ class ChatPipeline:
     async def commit_turn(self, call: ChatCall) -> None:
         """A conversation turn that answered: commit its reply before the client gets the last byte."""
         result = call.result
-        if call.conversation_id is None or result is None or result.finish_reason is None:
+        if call.conversation_id is None or result is None or not result.finished:
             return
         await self._context.commit_reply(
             call.tenant_id, call.conversation_id, call.request.model, call.request_id, result

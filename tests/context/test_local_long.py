@@ -13,7 +13,7 @@ import pytest
 from keel.settings import ContextSettings, LocalModelSettings
 from keel.testing.server import KeelServer
 
-pytestmark = pytest.mark.local_model
+pytestmark = [pytest.mark.local_model, pytest.mark.timeout(900)]  # ~2-5 min on 2 cores
 
 N_CTX = 512  # a small window (the default is 2,048), so 300 turns overflow it many times over
 MAX_TOKENS = 2
@@ -41,7 +41,6 @@ def test_300_turns_with_the_local_model_never_fail_for_their_length(
         completion = raw.parse()
         assert completion.choices[0].finish_reason in ("stop", "length")
         # the model's own count of what it got, within the budget the local tokenizer fitted
-        print(turn, completion.usage.prompt_tokens if completion.usage else None, raw.headers["x-keel-context-tokens"])
         assert completion.usage is not None and completion.usage.prompt_tokens <= budget
         assert int(raw.headers["x-keel-context-tokens"]) <= budget
         dropped.append(int(raw.headers["x-keel-context-dropped"]))

@@ -103,7 +103,7 @@ async def test_cache_tokens_count_as_input(fake: FakeUpstream, session: HttpClie
         )
     )
     events, _ = await collect(make_model(session, fake.base_url), ChatRequest("claude-test", HELLO))
-    assert events == [Usage(103, 9), Finish("stop")]
+    assert events == [Usage(103, 9, cached_input_tokens=100), Finish("stop")]
 
 
 @pytest.mark.parametrize(

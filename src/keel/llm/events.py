@@ -73,6 +73,7 @@ class ChatResult:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str = "stop"
     usage: Usage | None = None
+    finished: bool = False  # a Finish event came: the answer is whole (a cut stream's is not)
 
     def add(self, event: ChatEvent) -> None:
         if isinstance(event, TextDelta):
@@ -92,3 +93,4 @@ class ChatResult:
             self.usage = event
         else:
             self.finish_reason = event.reason
+            self.finished = True
