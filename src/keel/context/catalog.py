@@ -13,15 +13,12 @@ update time and id, nothing a tenant cannot already see.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import (
     ColumnElement,
     Row,
@@ -38,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from keel.db.cursor import decode_cursor, encode_cursor
 from keel.db.tables import audit_requests, conversation_messages, conversation_summaries, conversations
 from keel.db.writer import WriteQueue
 from keel.errors import InvalidRequestError, PermissionDeniedError
@@ -106,7 +104,8 @@ class ConversationCatalog:
             rows = (await conn.execute(query)).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [conversation_json(r) for r in rows], (encode_cursor(rows[-1]) if more and rows else None)
+        cursor = encode_cursor(rows[-1].updated_at, rows[-1].id) if more and rows else None
+        return [conversation_json(r) for r in rows], cursor
 
     async def get(
         self, tenant_id: uuid.UUID, conversation_id: str, *, user: str | None = None
@@ -339,23 +338,3 @@ async def _summaries(
         }
         for row in await conn.execute(query)
     ]
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def encode_cursor(row: Row[Any]) -> str:
-    micros = (row.updated_at - _EPOCH) // _MICROSECOND  # exact: PostgreSQL keeps microseconds
-    return base64.urlsafe_b64encode(orjson.dumps([micros, row.id])).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        micros, conversation_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(micros, int) or not isinstance(conversation_id, str):
-            raise ValueError(cursor)
-        updated = _EPOCH + micros * _MICROSECOND
-    except (ValueError, TypeError, OverflowError, OSError, binascii.Error, orjson.JSONDecodeError):
-        raise InvalidRequestError("'after' is not a cursor this API returned.", param="after") from None
-    return updated, conversation_id

@@ -7,18 +7,15 @@ id, nothing a tenant cannot already see (never a global row id, which would tell
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from sqlalchemy import ColumnElement, Row, Select, delete, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from keel.db.cursor import decode_cursor, encode_cursor
 from keel.db.tables import audit_requests
-from keel.errors import InvalidRequestError
 
 MAX_PAGE = 100
 
@@ -66,7 +63,8 @@ class AuditStore:
             rows = (await conn.execute(query)).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [record_json(r) for r in rows], (encode_cursor(rows[-1]) if more and rows else None)
+        cursor = encode_cursor(rows[-1].created_at, rows[-1].request_id) if more and rows else None
+        return [record_json(r) for r in rows], cursor
 
     async def tenants_with(self, request_id: str) -> list[uuid.UUID]:
         """Which tenants have a request with this id (for operator tools that span tenants): Keel's own
@@ -97,26 +95,6 @@ def by_request_id(query: Select[Any], tenant_id: uuid.UUID, request_id: str) -> 
         .order_by(exact.desc(), table.created_at.desc())
         .limit(1)
     )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def encode_cursor(row: Row[Any]) -> str:
-    micros = (row.created_at - _EPOCH) // _MICROSECOND  # exact: PostgreSQL keeps microseconds
-    return base64.urlsafe_b64encode(orjson.dumps([micros, row.request_id])).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        micros, request_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(micros, int) or not isinstance(request_id, str):
-            raise ValueError(cursor)
-        created = _EPOCH + micros * _MICROSECOND
-    except (ValueError, TypeError, OverflowError, OSError, binascii.Error, orjson.JSONDecodeError):
-        raise InvalidRequestError("'after' is not a cursor this API returned.", param="after") from None
-    return created, request_id
 
 
 def record_json(row: Row[Any]) -> dict[str, Any]:
