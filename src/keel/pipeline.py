@@ -231,14 +231,15 @@ REFERENCE_INTRO = (
 )
 
 
-def retrieved_messages(retrieved: list[RetrievedChunk]) -> list[Message]:
-    if not retrieved:
+def retrieved_messages(references: list[str]) -> list[Message]:
+    if not references:
         return []
-    return [{"role": "system", "content": REFERENCE_INTRO + "\n\n" + reference_text(retrieved)}]
+    return [{"role": "system", "content": REFERENCE_INTRO + "\n\n" + "\n\n".join(references)}]
 
 
-def reference_text(retrieved: list[RetrievedChunk]) -> str:
-    return "\n\n".join(_reference(i + 1, chunk) for i, chunk in enumerate(retrieved))
+def references(retrieved: list[RetrievedChunk]) -> list[str]:
+    """Each chunk as the context shows it, `<source index="n" ...>`: rendered once, counted and sent."""
+    return [_reference(i + 1, chunk) for i, chunk in enumerate(retrieved)]
 
 
 def _reference(index: int, chunk: RetrievedChunk) -> str:
@@ -327,11 +328,12 @@ class ChatPipeline:
             call.file_search = prompt.retrieval
         history, retrieved = await self._load_and_retrieve(call, parent, stages)
         with stage(self._tracer, "context.assemble", parent, stages):
-            if retrieved:  # within the context's share for retrieved chunks, best first
-                fits = self._context.fit_retrieved(call.request, [reference_text([c]) for c in retrieved])
-                retrieved = retrieved[:fits]
+            parts = references(retrieved)
+            if parts:  # within the context's share for retrieved chunks, best first
+                fits = self._context.fit_retrieved(call.request, parts)
+                retrieved, parts = retrieved[:fits], parts[:fits]
             call.sources = retrieved
-            found = retrieved_messages(retrieved)
+            found = retrieved_messages(parts)
             if history is None or call.conversation_id is None:
                 messages = assemble_stateless(prompt.messages, found, call.request.messages)
             else:
